@@ -1,0 +1,72 @@
+# shellcheck shell=bash
+# Helpers shared by deploy/local/*.sh (sourced, not executed).
+
+LOCAL_DIR_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$LOCAL_DIR_SCRIPTS/../.." && pwd)"
+export REPO_ROOT
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# Run a command as root: directly when we are root, else through sudo.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+APT_UPDATED=0
+# apt_install PKG...: install Debian packages non-interactively (apt-get update once per run).
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install these packages by hand: $*"
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        APT_UPDATED=1
+    fi
+    log "apt-get install -y $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+mariadbd_path() {
+    if command -v mariadbd >/dev/null 2>&1; then
+        command -v mariadbd
+    elif [ -x /usr/sbin/mariadbd ]; then
+        echo /usr/sbin/mariadbd
+    else
+        return 1
+    fi
+}
+
+# Install MariaDB server+client from Debian when mariadbd is missing. Installing the package also
+# enables the machine's own mariadb service; it listens on 3306 and is left alone (we never use it).
+ensure_mariadb_installed() {
+    if ! mariadbd_path >/dev/null || ! command -v mariadb >/dev/null 2>&1 \
+        || ! command -v mariadb-install-db >/dev/null 2>&1; then
+        apt_install mariadb-server mariadb-client
+    fi
+    mariadbd_path >/dev/null || die "mariadbd still missing after installing mariadb-server"
+}
+
+java_major() {
+    command -v java >/dev/null 2>&1 || { echo 0; return; }
+    # 'openjdk version "17.0.15" 2025-04-15' -> 17 ; old style '"1.8.0_x"' -> 1 (too old anyway)
+    java -version 2>&1 | sed -n 's/.* version "\([0-9]*\).*/\1/p' | head -n1
+}
+
+ensure_java_and_maven() {
+    local major
+    major="$(java_major)"
+    if [ -z "$major" ] || [ "$major" -lt 17 ]; then
+        apt_install openjdk-17-jre-headless
+        major="$(java_major)"
+        [ -n "$major" ] && [ "$major" -ge 17 ] || die "java 17+ needed, found: $(java -version 2>&1 | head -n1)"
+    fi
+    if ! command -v mvn >/dev/null 2>&1; then
+        apt_install maven
+    fi
+}

@@ -1,0 +1,369 @@
+#!/usr/bin/env bash
+# Project-owned MariaDB and Kafka (KRaft, one node) for development and tests.
+#
+#   bash deploy/local/servers.sh {up|down|status} [mariadb|kafka]     (no 2nd argument = both)
+#
+# State lives under ${OUTBOX_LOCAL_DIR:-<repo>/.local}: mariadb/data, kafka/data, logs/, run/.
+# `up` is idempotent and returns once the server really works (SQL over TCP as the relay user;
+# a Kafka produce/consume round trip). `down` stops only what `up` started (by pid file).
+# Ports: OUTBOX_MARIADB_PORT (3307), OUTBOX_KAFKA_PORT (19092), OUTBOX_KAFKA_CONTROLLER_PORT (19093).
+set -euo pipefail
+
+# shellcheck source=deploy/local/lib.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+
+STATE_DIR="${OUTBOX_LOCAL_DIR:-$REPO_ROOT/.local}"
+LOG_DIR="$STATE_DIR/logs"
+RUN_DIR="$STATE_DIR/run"
+
+MARIADB_PORT="${OUTBOX_MARIADB_PORT:-3307}"
+MARIADB_DIR="$STATE_DIR/mariadb"
+MARIADB_DATA="$MARIADB_DIR/data"
+MARIADB_SOCKET="$RUN_DIR/mariadb.sock"
+MARIADB_PID="$RUN_DIR/mariadb.pid"
+MARIADB_LOG="$LOG_DIR/mariadb.log"
+MARIADB_USER=relay
+MARIADB_PASSWORD=relay # dev-only credentials, documented in deploy/local/README.md
+
+KAFKA_PORT="${OUTBOX_KAFKA_PORT:-19092}"
+KAFKA_CONTROLLER_PORT="${OUTBOX_KAFKA_CONTROLLER_PORT:-19093}"
+KAFKA_POM="$LOCAL_DIR_SCRIPTS/kafka/pom.xml"
+KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFKA_POM")"
+KAFKA_LIBS="$HOME/.cache/outbox-relay/kafka-$KAFKA_VERSION/libs"
+KAFKA_DIR="$STATE_DIR/kafka"
+KAFKA_DATA="$KAFKA_DIR/data"
+KAFKA_PID="$RUN_DIR/kafka.pid"
+KAFKA_LOG="$LOG_DIR/kafka.log"
+KAFKA_UP_DEADLINE="${OUTBOX_KAFKA_UP_DEADLINE:-90}"
+
+PYTHON="${PYTHON:-$REPO_ROOT/.venv/bin/python}"
+
+# ---------------------------------------------------------------- process helpers
+
+# pid_alive PIDFILE NEEDLE: true when the pid in PIDFILE runs and its command line contains NEEDLE
+# (guards against a recycled pid after a reboot or crash).
+pid_alive() {
+    local pidfile="$1" needle="$2" pid
+    [ -s "$pidfile" ] || return 1
+    pid="$(cat "$pidfile")"
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$needle"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# stop_pidfile NAME PIDFILE NEEDLE TIMEOUT: SIGTERM, wait for exit, SIGKILL after TIMEOUT seconds.
+stop_pidfile() {
+    local name="$1" pidfile="$2" needle="$3" timeout="$4" pid i
+    if ! pid_alive "$pidfile" "$needle"; then
+        rm -f "$pidfile"
+        log "$name: not running"
+        return 0
+    fi
+    pid="$(cat "$pidfile")"
+    log "$name: stopping pid $pid"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < timeout * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$name: still running after ${timeout}s, sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    fi
+    rm -f "$pidfile"
+    log "$name: stopped"
+}
+
+tail_log() {
+    log "---- last lines of $1 ----"
+    tail -n "${2:-40}" "$1" >&2 2>/dev/null || true
+    log "---- end of $1 ----"
+}
+
+# ---------------------------------------------------------------- MariaDB
+
+mariadb_root() { mariadb --no-defaults --socket="$MARIADB_SOCKET" -uroot "$@"; }
+
+mariadb_tcp_ok() {
+    mariadb --no-defaults --protocol=TCP -h127.0.0.1 -P"$MARIADB_PORT" \
+        -u"$MARIADB_USER" -p"$MARIADB_PASSWORD" --connect-timeout=3 -N -e 'SELECT 1' >/dev/null 2>&1
+}
+
+mariadb_user_args() {
+    # mariadbd refuses to run as root unless told to; as another user it simply runs as that user.
+    if [ "$(id -u)" -eq 0 ]; then echo "--user=root"; fi
+}
+
+mariadb_init_datadir() {
+    [ -d "$MARIADB_DATA/mysql" ] && return 0
+    local tmp="$MARIADB_DIR/data.init"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    log "mariadb: initialising $MARIADB_DATA"
+    # shellcheck disable=SC2046
+    if ! mariadb-install-db --no-defaults --datadir="$tmp" $(mariadb_user_args) \
+        --auth-root-authentication-method=socket --auth-root-socket-user="$(id -un)" \
+        --skip-test-db --skip-name-resolve >"$LOG_DIR/mariadb-install-db.log" 2>&1; then
+        tail_log "$LOG_DIR/mariadb-install-db.log"
+        die "mariadb-install-db failed"
+    fi
+    mv "$tmp" "$MARIADB_DATA" # atomic: a half-initialised datadir is never left behind
+}
+
+mariadb_provision() {
+    # Idempotent; dev-only credentials. Tests create and drop databases named outbox_t_*.
+    mariadb_root <<SQL
+CREATE DATABASE IF NOT EXISTS outbox CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
+CREATE USER IF NOT EXISTS '$MARIADB_USER'@'%' IDENTIFIED BY '$MARIADB_PASSWORD';
+CREATE USER IF NOT EXISTS '$MARIADB_USER'@'localhost' IDENTIFIED BY '$MARIADB_PASSWORD';
+GRANT ALL PRIVILEGES ON *.* TO '$MARIADB_USER'@'%' WITH GRANT OPTION;
+GRANT ALL PRIVILEGES ON *.* TO '$MARIADB_USER'@'localhost' WITH GRANT OPTION;
+SQL
+}
+
+mariadb_up() {
+    mkdir -p "$MARIADB_DIR" "$LOG_DIR" "$RUN_DIR"
+    if pid_alive "$MARIADB_PID" "$MARIADB_DATA"; then
+        if mariadb_tcp_ok; then
+            log "mariadb: already running (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT)"
+            return 0
+        fi
+        log "mariadb: pid $(cat "$MARIADB_PID") runs but does not answer yet; waiting"
+    else
+        rm -f "$MARIADB_PID"
+        ensure_mariadb_installed
+        if port_open "$MARIADB_PORT"; then
+            die "mariadb: port $MARIADB_PORT is taken by another process (set OUTBOX_MARIADB_PORT)"
+        fi
+        mariadb_init_datadir
+        local mariadbd
+        mariadbd="$(mariadbd_path)"
+        log "mariadb: starting $mariadbd on 127.0.0.1:$MARIADB_PORT (log: $MARIADB_LOG)"
+        # --no-defaults: ignore /etc/mysql (the machine's service config); everything is explicit.
+        # shellcheck disable=SC2046
+        nohup "$mariadbd" --no-defaults $(mariadb_user_args) \
+            --datadir="$MARIADB_DATA" --socket="$MARIADB_SOCKET" --pid-file="$MARIADB_PID" \
+            --bind-address=127.0.0.1 --port="$MARIADB_PORT" --skip-name-resolve \
+            --log-error="$MARIADB_LOG" \
+            --server-id=1 --log-bin=mariadb-bin --binlog-format=ROW --binlog-expire-logs-seconds=86400 \
+            --innodb-buffer-pool-size=256M --innodb-flush-log-at-trx-commit=1 \
+            --max-connections=500 \
+            --character-set-server=utf8mb4 --collation-server=utf8mb4_unicode_ci \
+            </dev/null >>"$MARIADB_LOG" 2>&1 &
+        echo "$!" >"$MARIADB_PID"
+    fi
+    local deadline=$((SECONDS + 60))
+    until mariadb_root -N -e 'SELECT 1' >/dev/null 2>&1; do
+        if ! pid_alive "$MARIADB_PID" "$MARIADB_DATA"; then
+            tail_log "$MARIADB_LOG"
+            die "mariadb: server exited during startup"
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            tail_log "$MARIADB_LOG"
+            die "mariadb: not ready after 60s"
+        fi
+        sleep 0.2
+    done
+    mariadb_provision
+    mariadb_tcp_ok || { tail_log "$MARIADB_LOG"; die "mariadb: SELECT 1 over TCP as $MARIADB_USER failed"; }
+    log "mariadb: up (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT, user $MARIADB_USER)"
+}
+
+mariadb_down() { stop_pidfile mariadb "$MARIADB_PID" "$MARIADB_DATA" 120; }
+
+mariadb_status() {
+    if ! pid_alive "$MARIADB_PID" "$MARIADB_DATA"; then
+        echo "mariadb: down"
+        return 1
+    fi
+    if mariadb_tcp_ok; then
+        echo "mariadb: up (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT)"
+    else
+        echo "mariadb: not answering (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT)"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------- Kafka
+
+kafka_fetch_jars() {
+    local want have
+    want="$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)"
+    have="$(cat "$KAFKA_LIBS/.pom.sha256" 2>/dev/null || true)"
+    [ "$want" = "$have" ] && return 0
+    ensure_java_and_maven
+    local tmp="$KAFKA_LIBS.tmp.$$"
+    rm -rf "$tmp"
+    mkdir -p "$(dirname "$KAFKA_LIBS")"
+    log "kafka: fetching Kafka $KAFKA_VERSION jars from Maven Central into $KAFKA_LIBS"
+    mvn -q -B -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$tmp" >&2 \
+        || { rm -rf "$tmp"; die "kafka: mvn dependency:copy-dependencies failed"; }
+    echo "$want" >"$tmp/.pom.sha256"
+    rm -rf "$KAFKA_LIBS"
+    mv "$tmp" "$KAFKA_LIBS"
+}
+
+kafka_write_config() {
+    mkdir -p "$KAFKA_DIR" "$KAFKA_DATA"
+    cat >"$KAFKA_DIR/server.properties" <<EOF
+# Generated by deploy/local/servers.sh on every 'up'; edit the script, not this file.
+node.id=1
+process.roles=broker,controller
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
+log.dirs=$KAFKA_DATA
+num.partitions=6
+default.replication.factor=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=6
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=6
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+min.insync.replicas=1
+group.initial.rebalance.delay.ms=0
+delete.topic.enable=true
+num.network.threads=2
+num.io.threads=4
+num.recovery.threads.per.data.dir=1
+log.retention.hours=24
+log.segment.bytes=104857600
+EOF
+    cat >"$KAFKA_DIR/log4j2.properties" <<'EOF'
+# Generated by deploy/local/servers.sh. stdout is appended to logs/kafka.log by servers.sh.
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = STDOUT
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.clients.name = org.apache.kafka.clients
+logger.clients.level = WARN
+EOF
+}
+
+new_cluster_id() {
+    # Kafka's Uuid.randomUuid(): 16 random bytes, url-safe base64 without padding, not starting with '-'.
+    python3 - <<'EOF'
+import base64, os
+while True:
+    s = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    if not s.startswith("-"):
+        print(s)
+        break
+EOF
+}
+
+kafka_format() {
+    [ -f "$KAFKA_DATA/meta.properties" ] && return 0
+    local cid
+    cid="$(new_cluster_id)"
+    log "kafka: formatting $KAFKA_DATA (cluster id $cid)"
+    java -Xmx256m -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -cp "$KAFKA_LIBS/*" \
+        kafka.tools.StorageTool format --standalone --ignore-formatted \
+        --cluster-id "$cid" --config "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 \
+        || { tail_log "$KAFKA_LOG"; die "kafka: storage format failed"; }
+}
+
+kafka_roundtrip() {
+    "$PYTHON" "$LOCAL_DIR_SCRIPTS/roundtrip.py" --bootstrap "127.0.0.1:$KAFKA_PORT" "$@"
+}
+
+kafka_up() {
+    mkdir -p "$KAFKA_DIR" "$LOG_DIR" "$RUN_DIR"
+    [ -x "$PYTHON" ] || die "kafka: $PYTHON not found (run deploy/local/bootstrap.sh or set PYTHON)"
+    if pid_alive "$KAFKA_PID" "$KAFKA_DIR/server.properties"; then
+        if kafka_roundtrip --quiet 2>/dev/null; then
+            log "kafka: already running (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT)"
+            return 0
+        fi
+        log "kafka: pid $(cat "$KAFKA_PID") runs but the round trip fails yet; waiting"
+    else
+        rm -f "$KAFKA_PID"
+        ensure_java_and_maven
+        local p
+        for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+            if port_open "$p"; then
+                die "kafka: port $p is taken by another process (set OUTBOX_KAFKA_PORT / OUTBOX_KAFKA_CONTROLLER_PORT)"
+            fi
+        done
+        kafka_fetch_jars
+        kafka_write_config
+        kafka_format
+        log "kafka: starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (log: $KAFKA_LOG)"
+        nohup java -Xmx512m -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
+            -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" \
+            -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
+            </dev/null >>"$KAFKA_LOG" 2>&1 &
+        echo "$!" >"$KAFKA_PID"
+    fi
+    local deadline=$((SECONDS + KAFKA_UP_DEADLINE)) err="$RUN_DIR/roundtrip.err"
+    until kafka_roundtrip --quiet 2>"$err"; do
+        if ! pid_alive "$KAFKA_PID" "$KAFKA_DIR/server.properties"; then
+            tail_log "$KAFKA_LOG" 60
+            die "kafka: broker exited during startup"
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            cat "$err" >&2 || true
+            tail_log "$KAFKA_LOG" 60
+            die "kafka: no produce/consume round trip after ${KAFKA_UP_DEADLINE}s"
+        fi
+        sleep 1
+    done
+    rm -f "$err"
+    log "kafka: up (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT)"
+}
+
+kafka_down() { stop_pidfile kafka "$KAFKA_PID" "$KAFKA_DIR/server.properties" 60; }
+
+kafka_status() {
+    if ! pid_alive "$KAFKA_PID" "$KAFKA_DIR/server.properties"; then
+        echo "kafka: down"
+        return 1
+    fi
+    if port_open "$KAFKA_PORT"; then
+        echo "kafka: up (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT)"
+    else
+        echo "kafka: not listening (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT)"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------- main
+
+usage() { echo "usage: $0 {up|down|status} [mariadb|kafka]" >&2; exit 2; }
+
+[ $# -ge 1 ] && [ $# -le 2 ] || usage
+action="$1"
+case "${2:-all}" in
+    all) servers=(mariadb kafka) ;;
+    mariadb | kafka) servers=("$2") ;;
+    *) usage ;;
+esac
+
+case "$action" in
+    up)
+        for s in "${servers[@]}"; do "${s}_up"; done
+        ;;
+    down)
+        # reverse order: Kafka first, then MariaDB
+        for ((i = ${#servers[@]} - 1; i >= 0; i--)); do "${servers[i]}_down"; done
+        ;;
+    status)
+        rc=0
+        for s in "${servers[@]}"; do "${s}_status" || rc=1; done
+        exit "$rc"
+        ;;
+    *) usage ;;
+esac
