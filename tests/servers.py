@@ -1,0 +1,228 @@
+"""Test helpers for the real MariaDB and Kafka servers started by deploy/local/servers.sh.
+
+Generic on purpose: nothing here imports the ``relay`` package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pymysql
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, for_code
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVERS_SH = REPO_ROOT / "deploy" / "local" / "servers.sh"
+
+T = TypeVar("T")
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class MariaDB:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def connect(self, database: str | None = None, **kwargs: object) -> pymysql.Connection:
+        """A PyMySQL connection (autocommit on unless overridden)."""
+        options: dict[str, object] = {"autocommit": True, "connect_timeout": 5, **kwargs}
+        return pymysql.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            database=database,
+            **options,
+        )
+
+
+@dataclass(frozen=True)
+class Kafka:
+    bootstrap: str
+
+
+def mariadb_from_env() -> MariaDB:
+    # dev-only credentials created by deploy/local/servers.sh
+    return MariaDB(
+        host="127.0.0.1",
+        port=int(os.environ.get("OUTBOX_MARIADB_PORT", "3307")),
+        user="relay",
+        password="relay",  # noqa: S106
+    )
+
+
+def kafka_from_env() -> Kafka:
+    return Kafka(bootstrap=f"127.0.0.1:{os.environ.get('OUTBOX_KAFKA_PORT', '19092')}")
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+# ------------------------------------------------------------------ reachability
+
+
+def check_mariadb(server: MariaDB) -> None:
+    """Raise unless ``SELECT 1`` works over TCP as the configured user."""
+    conn = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            if cur.fetchone() != (1,):
+                raise RuntimeError("SELECT 1 returned something else")
+    finally:
+        conn.close()
+
+
+def run_in_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a fresh thread: lets sync code call ``asyncio.run`` without touching the
+    event loop pytest-asyncio may have installed on the main thread."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn).result()
+
+
+async def _list_topics(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        return [str(t) for t in await admin.list_topics()]
+    finally:
+        await admin.close()
+
+
+def check_kafka(server: Kafka) -> None:
+    """Raise unless the broker answers a metadata request."""
+
+    async def probe() -> None:
+        async with asyncio.timeout(10):
+            await _list_topics(server.bootstrap)
+
+    run_in_thread(lambda: asyncio.run(probe()))
+
+
+_started: set[str] = set()
+
+
+def start_server(name: str) -> str:
+    """Run ``servers.sh up <name>`` (at most once per name and process); return its output."""
+    if name in _started:
+        return f"(servers.sh up {name} already tried in this session)"
+    _started.add(name)
+    bash = shutil.which("bash") or "/bin/bash"
+    proc = subprocess.run(  # noqa: S603 -- fixed argv, our own script
+        [bash, str(SERVERS_SH), "up", name],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    return f"servers.sh up {name} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+
+
+def ensure_reachable(server: S, check: Callable[[S], None], name: str, address: str) -> str | None:
+    """Check ``server``; if unreachable start it once and re-check.
+
+    Returns None when reachable, else a message suitable for ``pytest.fail``."""
+    try:
+        check(server)
+    except (OSError, pymysql.MySQLError, KafkaError, RuntimeError, TimeoutError):
+        pass
+    else:
+        return None
+    start_output = start_server(name)
+    try:
+        check(server)
+    except (OSError, pymysql.MySQLError, KafkaError, RuntimeError, TimeoutError) as exc:
+        pretty = {"mariadb": "MariaDB", "kafka": "Kafka"}[name]
+        return (
+            f"{pretty} at {address} is unreachable: {type(exc).__name__}: {exc}; "
+            f"start it with: bash deploy/local/servers.sh up\n{start_output}"
+        )
+    return None
+
+
+# ------------------------------------------------------------------ databases
+
+
+def create_database(server: MariaDB, name: str) -> None:
+    conn = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
+            )
+    finally:
+        conn.close()
+
+
+def drop_database(server: MariaDB, name: str) -> None:
+    conn = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ topics
+
+
+def _raise_topic_errors(action: str, topic_errors: list[tuple[object, ...]]) -> None:
+    for entry in topic_errors:
+        code = int(entry[1])  # type: ignore[call-overload]
+        if code != 0:
+            raise for_code(code)(f"{action} {entry[0]}: {entry}")
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int, timeout_s: float = 30.0) -> None:
+    """Create ``name`` and return once the broker reports a leader for every partition."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await admin.create_topics(
+                [NewTopic(name=name, num_partitions=partitions, replication_factor=1)]
+            )
+            _raise_topic_errors("creating topic", response.topic_errors)
+            # poll the broker's metadata until every partition has a leader (bounded by the timeout)
+            while True:
+                if await _topic_ready(admin, name, partitions):
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+
+
+async def _topic_ready(admin: AIOKafkaAdminClient, name: str, partitions: int) -> bool:
+    described = await admin.describe_topics([name])
+    if not described or described[0].get("error_code", 0) != 0:
+        return False
+    parts: list[dict[str, Any]] = described[0].get("partitions", [])
+    return len(parts) == partitions and all(
+        p.get("error_code", 0) == 0 and p.get("leader", -1) >= 0 for p in parts
+    )
+
+
+async def delete_topic(bootstrap: str, name: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        response = await admin.delete_topics([name])
+        _raise_topic_errors("deleting topic", response.topic_error_codes)
+    finally:
+        await admin.close()
