@@ -1,0 +1,69 @@
+"""The cleaner loop: deletes published rows older than the retention, one replica at a time.
+
+Each run takes a MySQL named lock (``GET_LOCK``) on its own connection; replicas that do not get
+it skip the run. Rows are deleted in small chunks found through ``ix_clean`` (status,
+published_at) and deleted in primary-key order, one short transaction per chunk. New and failed
+rows are never touched: every statement requires ``status = 'published'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from relay import config, db, metrics, pacing, store
+
+log = structlog.get_logger(__name__)
+
+
+class Cleaner:
+    def __init__(self, settings: config.Settings, stop: asyncio.Event) -> None:
+        self._settings = settings
+        self._cleaner = settings.cleaner
+        self._store = store.Store(settings.outbox.table)
+        self._stop = stop
+        self.lock_name = f"outbox-relay-cleaner:{settings.db.name}.{settings.outbox.table}"
+
+    async def run(self) -> None:
+        """Run every ``interval_s`` until stopped; errors are counted, logged and retried."""
+        while not self._stop.is_set():
+            try:
+                await self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                metrics.cleaner_runs.labels("error").inc()
+                log.warning("cleaner_failed", error=f"{type(exc).__name__}: {exc}")
+            if await pacing.sleep_unless(self._stop, self._cleaner.interval_s):
+                return
+
+    async def run_once(self) -> int | None:
+        """One run. Returns rows deleted, or None if another replica holds the cleaner lock."""
+        conn = await db.connect(self._settings, autocommit=False)
+        try:
+            if not await self._store.try_cleaner_lock(conn, self.lock_name):
+                metrics.cleaner_runs.labels("skipped").inc()
+                return None
+            try:
+                deleted = await self._delete_chunks(conn)
+            finally:
+                await self._store.release_cleaner_lock(conn, self.lock_name)
+        finally:
+            db.close(conn)
+        metrics.cleaner_runs.labels("done").inc()
+        if deleted:
+            log.info("cleaner_deleted", rows=deleted)
+        return deleted
+
+    async def _delete_chunks(self, conn: db.Connection) -> int:
+        total = 0
+        for _ in range(self._cleaner.max_chunks_per_run):
+            if self._stop.is_set():
+                break
+            deleted = await self._store.delete_expired(
+                conn, self._cleaner.retention_s, self._cleaner.chunk_size
+            )
+            total += deleted
+            metrics.cleaner_deleted.inc(deleted)
+            if deleted < self._cleaner.chunk_size:
+                break
+        return total

@@ -1,0 +1,207 @@
+"""Settings: built once by the CLI from ``RELAY_*`` environment variables and passed down.
+
+Nested groups use ``__`` as delimiter (``RELAY_DB__HOST``). Secrets may also come from files in
+``RELAY_SECRETS_DIR`` (default ``/run/secrets/relay``), one file per setting named like the
+variable in lower case (``relay_db__password``). Durations are seconds (floats named ``*_s``),
+sizes are bytes, counts are plain integers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal
+
+import pydantic
+import pydantic_settings
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,57}$")
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+TOPIC_FIELDS = ("aggregate_type", "event_type", "source_table")
+
+PositiveFloat = Annotated[float, pydantic.Field(gt=0)]
+Port = Annotated[int, pydantic.Field(ge=1, le=65535)]
+ListenPort = Annotated[int, pydantic.Field(ge=0, le=65535)]  # 0: any free port
+
+
+class DatabaseSettings(pydantic.BaseModel):
+    """Connection to the MySQL/MariaDB database that holds the outbox table."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: Port = 3306
+    user: str = "relay"
+    password: pydantic.SecretStr = pydantic.SecretStr("")
+    name: str = "outbox"
+    connect_timeout_s: PositiveFloat = 5.0
+    pool_extra: Annotated[int, pydantic.Field(ge=1)] = 3
+    """Connections beyond one per worker (cleaner, backlog sampler, readiness probe)."""
+
+
+class KafkaSettings(pydantic.BaseModel):
+    """The Kafka cluster and the idempotent producer's tuning."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "outbox-relay"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: pydantic.SecretStr | None = None
+    linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.002
+    max_batch_bytes: Annotated[int, pydantic.Field(ge=16384)] = 524288
+    max_request_bytes: Annotated[int, pydantic.Field(ge=1024)] = 1048576
+    compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "lz4"
+    request_timeout_s: PositiveFloat = 10.0
+    metadata_max_age_s: PositiveFloat = 60.0
+
+
+class OutboxSettings(pydantic.BaseModel):
+    """The outbox table and how its rows become Kafka records."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    table: str = "outbox"
+    topic_template: str = "outbox.{aggregate_type}"
+    value_format: Literal["envelope", "payload"] = "envelope"
+    dead_letter_topic: str | None = None
+
+    @pydantic.field_validator("table")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not IDENTIFIER.match(value):
+            raise ValueError("must be a plain SQL identifier: letters, digits, _ (max 58)")
+        return value
+
+    @pydantic.field_validator("topic_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        fields = set(re.findall(r"{([^{}]*)}", value))
+        unknown = fields - set(TOPIC_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {TOPIC_FIELDS}")
+        return value
+
+    @pydantic.field_validator("dead_letter_topic")
+    @classmethod
+    def _topic(cls, value: str | None) -> str | None:
+        if value is not None and not TOPIC_NAME.match(value):
+            raise ValueError("not a valid Kafka topic name")
+        return value
+
+
+class WorkerSettings(pydantic.BaseModel):
+    """Claim-publish-mark workers of one process."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    count: Annotated[int, pydantic.Field(ge=1, le=64)] = 2
+    batch_size: Annotated[int, pydantic.Field(ge=1, le=10000)] = 500
+    shards_per_claim: Annotated[int, pydantic.Field(ge=1, le=64)] = 16
+    poll_interval_s: PositiveFloat = 0.1
+    publish_timeout_s: PositiveFloat = 15.0
+    backoff_initial_s: PositiveFloat = 0.1
+    backoff_max_s: PositiveFloat = 5.0
+    lock_wait_timeout_s: Annotated[int, pydantic.Field(ge=1)] = 5
+    shutdown_timeout_s: PositiveFloat = 20.0
+
+
+class CleanerSettings(pydantic.BaseModel):
+    """Deletes published rows after the retention period; one cleaner at a time cluster-wide."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    retention_s: Annotated[float, pydantic.Field(ge=0)] = 86400.0
+    interval_s: PositiveFloat = 60.0
+    chunk_size: Annotated[int, pydantic.Field(ge=1, le=100000)] = 1000
+    max_chunks_per_run: Annotated[int, pydantic.Field(ge=1)] = 1000
+
+
+class HttpSettings(pydantic.BaseModel):
+    """The metrics and health endpoint: /metrics, /livez, /readyz."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = "0.0.0.0"  # noqa: S104 - a daemon's probe port listens on the pod IP
+    port: ListenPort = 9108
+    backlog_sample_interval_s: PositiveFloat = 5.0
+    backlog_count_cap: Annotated[int, pydantic.Field(ge=1)] = 1000000
+    liveness_stale_s: PositiveFloat = 30.0
+
+
+class WakeupSettings(pydantic.BaseModel):
+    """Optional UDP port on which writers nudge the relay right after a commit."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    host: str = "0.0.0.0"  # noqa: S104 - writers in other pods send datagrams here
+    port: ListenPort = 9109
+
+
+class LogSettings(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(pydantic_settings.BaseSettings):
+    """All settings of the relay daemon."""
+
+    model_config = pydantic_settings.SettingsConfigDict(
+        env_prefix="RELAY_",
+        env_nested_delimiter="__",
+        secrets_nested_delimiter="__",
+        secrets_dir_missing="ok",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    db: DatabaseSettings = DatabaseSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    worker: WorkerSettings = WorkerSettings()
+    cleaner: CleanerSettings = CleanerSettings()
+    http: HttpSettings = HttpSettings()
+    wakeup: WakeupSettings = WakeupSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[pydantic_settings.BaseSettings],
+        init_settings: pydantic_settings.PydanticBaseSettingsSource,
+        env_settings: pydantic_settings.PydanticBaseSettingsSource,
+        dotenv_settings: pydantic_settings.PydanticBaseSettingsSource,
+        file_secret_settings: pydantic_settings.PydanticBaseSettingsSource,
+    ) -> tuple[pydantic_settings.PydanticBaseSettingsSource, ...]:
+        # Explicit overrides, then the environment, then secret files (relay_db__password).
+        secrets = pydantic_settings.NestedSecretsSettingsSource(file_secret_settings)
+        return init_settings, env_settings, secrets
+
+
+class ConfigError(Exception):
+    """Invalid settings; the message is one line and never contains a secret value."""
+
+
+def load(**overrides: Any) -> Settings:
+    """Build the settings from the environment (and secret files), with optional overrides."""
+    secrets_dir = os.environ.get("RELAY_SECRETS_DIR", "/run/secrets/relay")
+    try:
+        return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
+    except pydantic.ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def describe(exc: pydantic.ValidationError) -> str:
+    """One line naming each bad setting by its env var; input values are left out on purpose."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        path = "__".join(str(p) for p in error["loc"])
+        parts.append(f"RELAY_{path.upper()}: {error['msg']}")
+    return "invalid configuration: " + "; ".join(parts)

@@ -1,0 +1,148 @@
+"""Turning an outbox row into a Kafka record: topic, key, value and headers. Pure functions.
+
+A row that can never become a valid record raises :class:`PoisonRowError` with a bounded reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import NamedTuple
+
+import orjson
+
+from relay import config
+
+# Bytes a record costs on the wire beyond key, value and headers (record batch framing).
+RECORD_OVERHEAD_BYTES = 128
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+class Row(NamedTuple):
+    """One claimed outbox row, in the column order of the ``claim_rows`` query."""
+
+    id: int
+    message_id: str
+    aggregate_type: str
+    aggregate_id: str
+    event_type: str
+    op: str
+    before_state: str | None
+    after_state: str | None
+    payload: bytes | None
+    headers: str | None
+    topic: str | None
+    source_table: str | None
+    event_us: int
+
+
+@dataclasses.dataclass(slots=True)
+class Record:
+    row_id: int
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    event_us: int
+
+
+class PoisonRowError(Exception):
+    """The row can never be published as it is. ``reason`` is a bounded metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Formatter:
+    """Builds records from rows according to the outbox settings."""
+
+    topic_template: str
+    value_format: str
+    source_db: str
+    max_record_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: config.Settings) -> Formatter:
+        return cls(
+            topic_template=settings.outbox.topic_template,
+            value_format=settings.outbox.value_format,
+            source_db=settings.db.name,
+            max_record_bytes=settings.kafka.max_request_bytes - RECORD_OVERHEAD_BYTES,
+        )
+
+    def topic(self, row: Row) -> str:
+        topic = row.topic or self.topic_template.format(
+            aggregate_type=row.aggregate_type,
+            event_type=row.event_type,
+            source_table=row.source_table or "",
+        )
+        if not _TOPIC.match(topic):
+            raise PoisonRowError("invalid_topic", f"invalid Kafka topic name {topic!r}")
+        return topic
+
+    def record(self, row: Row, capture_us: int) -> Record:
+        headers = self.headers(row)
+        if self.value_format == "payload" and row.payload is not None:
+            value = row.payload
+        else:
+            value = self.envelope(row, capture_us)
+        key = row.aggregate_id.encode()
+        size = len(key) + len(value) + sum(len(k) + len(v) for k, v in headers)
+        if size > self.max_record_bytes:
+            raise PoisonRowError(
+                "too_large",
+                f"record of {size} bytes exceeds RELAY_KAFKA__MAX_REQUEST_BYTES "
+                f"({self.max_record_bytes + RECORD_OVERHEAD_BYTES} incl. overhead)",
+            )
+        return Record(row.id, self.topic(row), key, value, headers, row.event_us)
+
+    def envelope(self, row: Row, capture_us: int) -> bytes:
+        """The design note's domain event: pk, op, before, after, source, event and capture time."""
+        doc: dict[str, object] = {
+            "message_id": row.message_id,
+            "aggregate_type": row.aggregate_type,
+            "aggregate_id": row.aggregate_id,
+            "event_type": row.event_type,
+            "op": row.op,
+            "pk": row.aggregate_id,
+            # JSON columns hold valid JSON (the server checks it): embed without re-parsing.
+            "before": orjson.Fragment(row.before_state) if row.before_state is not None else None,
+            "after": orjson.Fragment(row.after_state) if row.after_state is not None else None,
+            "source": {"db": self.source_db, "table": row.source_table, "ts_us": row.event_us},
+            "event_time_us": row.event_us,
+            "capture_time_us": capture_us,
+        }
+        if row.payload is not None:
+            try:
+                orjson.loads(row.payload)
+            except orjson.JSONDecodeError as exc:
+                raise PoisonRowError(
+                    "bad_row", f"payload is not JSON, so it cannot go in the envelope: {exc}"
+                ) from None
+            doc["payload"] = orjson.Fragment(row.payload)
+        return orjson.dumps(doc)
+
+    @staticmethod
+    def headers(row: Row) -> list[tuple[str, bytes]]:
+        headers = [
+            ("message_id", row.message_id.encode()),
+            ("event_type", row.event_type.encode()),
+            ("aggregate_type", row.aggregate_type.encode()),
+        ]
+        if row.headers is None:
+            return headers
+        try:
+            extra = orjson.loads(row.headers)
+        except orjson.JSONDecodeError as exc:
+            raise PoisonRowError("bad_headers", f"headers are not JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise PoisonRowError("bad_headers", "headers must be a JSON object of strings")
+        for name, value in extra.items():
+            if not isinstance(value, str):
+                raise PoisonRowError(
+                    "bad_headers", f"header {name!r} must be a string, not {type(value).__name__}"
+                )
+            headers.append((name, value.encode()))
+        return headers

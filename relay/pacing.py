@@ -1,0 +1,72 @@
+"""Small pacing helpers shared by the loops: exponential backoff and a wake-up signal."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset after a success."""
+
+    def __init__(self, initial_s: float, maximum_s: float) -> None:
+        self._initial_s = initial_s
+        self._maximum_s = maximum_s
+        self._attempt = 0
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    def next_delay_s(self) -> float:
+        ceiling = min(self._maximum_s, self._initial_s * (2**self._attempt))
+        self._attempt = min(self._attempt + 1, 32)
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+
+
+async def sleep_unless(stop: asyncio.Event, delay_s: float) -> bool:
+    """Sleep for ``delay_s`` or until ``stop`` is set. Returns True if stopped."""
+    try:
+        await asyncio.wait_for(stop.wait(), delay_s)
+    except TimeoutError:
+        return False
+    return True
+
+
+class Waker:
+    """Wakes one waiting worker at a time; a wake-up with nobody waiting is kept for the next."""
+
+    def __init__(self) -> None:
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._pending = False
+
+    def notify(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._pending = True
+
+    def notify_all(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        self._pending = True
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait for a notification or ``timeout_s``. Returns True if notified."""
+        if self._pending:
+            self._pending = False
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return True

@@ -1,0 +1,113 @@
+"""The HTTP endpoint of the daemon: ``/metrics``, ``/livez`` and ``/readyz``.
+
+A deliberately tiny HTTP/1.0 responder on asyncio streams: three GET paths, no keep-alive.
+``/livez`` answers from the event-loop heartbeat only; ``/readyz`` checks that MySQL and Kafka
+answer right now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import prometheus_client
+import structlog
+
+from relay import config
+
+log = structlog.get_logger(__name__)
+
+ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
+
+
+class Heartbeat:
+    """Proves the event loop runs: a task bumps ``last`` every ``period_s``."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        self.period_s = period_s
+        self.last = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.last = time.monotonic()
+            try:
+                await asyncio.wait_for(stop.wait(), self.period_s)
+            except TimeoutError:
+                continue
+
+    def age_s(self) -> float:
+        return time.monotonic() - self.last
+
+
+class ProbeServer:
+    def __init__(
+        self, settings: config.HttpSettings, heartbeat: Heartbeat, ready: ReadyCheck
+    ) -> None:
+        self._settings = settings
+        self._heartbeat = heartbeat
+        self._ready = ready
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("probe server not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, self._settings.host, self._settings.port
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                request = await reader.readline()
+                while (await reader.readline()).strip():
+                    pass  # headers are not needed
+                status, content_type, body = await self._route(request)
+            head = (
+                f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _route(self, request: bytes) -> tuple[str, str, bytes]:  # noqa: PLR0911 - router
+        parts = request.decode("latin-1").split()
+        if len(parts) < 2 or parts[0] != "GET":
+            return "405 Method Not Allowed", "text/plain", b"only GET\n"
+        path = parts[1].split("?", 1)[0]
+        if path == "/metrics":
+            return (
+                "200 OK",
+                prometheus_client.CONTENT_TYPE_LATEST,
+                prometheus_client.generate_latest(),
+            )
+        if path == "/livez":
+            age = self._heartbeat.age_s()
+            if age > self._settings.liveness_stale_s:
+                return (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    f"heartbeat {age:.1f}s old\n".encode(),
+                )
+            return "200 OK", "text/plain", b"ok\n"
+        if path == "/readyz":
+            problems = await self._ready()
+            if problems:
+                text = "".join(f"{name}: {why}\n" for name, why in sorted(problems.items()))
+                return "503 Service Unavailable", "text/plain", text.encode()
+            return "200 OK", "text/plain", b"ok\n"
+        return "404 Not Found", "text/plain", b"not found\n"
