@@ -84,7 +84,9 @@ tail_log() {
 
 # ---------------------------------------------------------------- MariaDB
 
-mariadb_root() { mariadb --no-defaults --socket="$MARIADB_SOCKET" -uroot "$@"; }
+# Admin access over the private socket with unix_socket auth: root@localhost when we are root;
+# otherwise mariadb-install-db's --auth-root-socket-user account, named after our OS user.
+mariadb_root() { mariadb --no-defaults --socket="$MARIADB_SOCKET" -u"$(id -un)" "$@"; }
 
 mariadb_tcp_ok() {
     mariadb --no-defaults --protocol=TCP -h127.0.0.1 -P"$MARIADB_PORT" \
@@ -198,8 +200,13 @@ kafka_fetch_jars() {
     rm -rf "$tmp"
     mkdir -p "$(dirname "$KAFKA_LIBS")"
     log "kafka: fetching Kafka $KAFKA_VERSION jars from Maven Central into $KAFKA_LIBS"
-    mvn -q -B -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$tmp" >&2 \
-        || { rm -rf "$tmp"; die "kafka: mvn dependency:copy-dependencies failed"; }
+    mkdir -p "$LOG_DIR"
+    if ! mvn -q -B -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies \
+        -DoutputDirectory="$tmp" >"$LOG_DIR/kafka-fetch.log" 2>&1; then
+        rm -rf "$tmp"
+        tail_log "$LOG_DIR/kafka-fetch.log"
+        die "kafka: mvn dependency:copy-dependencies failed"
+    fi
     echo "$want" >"$tmp/.pom.sha256"
     rm -rf "$KAFKA_LIBS"
     mv "$tmp" "$KAFKA_LIBS"
