@@ -35,8 +35,6 @@ class DatabaseSettings(pydantic.BaseModel):
     password: pydantic.SecretStr = pydantic.SecretStr("")
     name: str = "outbox"
     connect_timeout_s: PositiveFloat = 5.0
-    pool_extra: Annotated[int, pydantic.Field(ge=1)] = 3
-    """Connections beyond one per worker (cleaner, backlog sampler, readiness probe)."""
 
 
 class KafkaSettings(pydantic.BaseModel):
@@ -104,7 +102,7 @@ class WorkerSettings(pydantic.BaseModel):
     publish_timeout_s: PositiveFloat = 15.0
     backoff_initial_s: PositiveFloat = 0.1
     backoff_max_s: PositiveFloat = 5.0
-    lock_wait_timeout_s: Annotated[int, pydantic.Field(ge=1)] = 5
+    lock_wait_timeout_s: Annotated[float, pydantic.Field(ge=1)] = 5.0
     shutdown_timeout_s: PositiveFloat = 20.0
 
 

@@ -8,6 +8,7 @@ caller's business, except where a method says it commits.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -37,10 +38,10 @@ class Store:
 
     # -- session and schema ------------------------------------------------------------------
 
-    async def prepare_session(self, conn: Connection, *, lock_wait_timeout_s: int) -> None:
+    async def prepare_session(self, conn: Connection, *, lock_wait_timeout_s: float) -> None:
         await self._execute(conn, "session_isolation", {})
         await self._execute(conn, "session_time_zone", {})
-        await self._execute(conn, "session_lock_wait", {"seconds": lock_wait_timeout_s})
+        await self._execute(conn, "session_lock_wait", {"seconds": math.ceil(lock_wait_timeout_s)})
 
     async def migrate(self, conn: Connection) -> None:
         """Create the tables if missing and seed the shard rows; safe to run again."""
