@@ -144,8 +144,10 @@ mariadb_up() {
         mariadbd="$(mariadbd_path)"
         log "mariadb: starting $mariadbd on 127.0.0.1:$MARIADB_PORT (log: $MARIADB_LOG)"
         # --no-defaults: ignore /etc/mysql (the machine's service config); everything is explicit.
+        # setsid: own session, so Ctrl-C / signals to the caller's process group (e.g. pytest
+        # that auto-started the server) do not reach the server.
         # shellcheck disable=SC2046
-        nohup "$mariadbd" --no-defaults $(mariadb_user_args) \
+        setsid nohup "$mariadbd" --no-defaults $(mariadb_user_args) \
             --datadir="$MARIADB_DATA" --socket="$MARIADB_SOCKET" --pid-file="$MARIADB_PID" \
             --bind-address=127.0.0.1 --port="$MARIADB_PORT" --skip-name-resolve \
             --log-error="$MARIADB_LOG" \
@@ -153,7 +155,7 @@ mariadb_up() {
             --innodb-buffer-pool-size=256M --innodb-flush-log-at-trx-commit=1 \
             --max-connections=500 \
             --character-set-server=utf8mb4 --collation-server=utf8mb4_unicode_ci \
-            </dev/null >>"$MARIADB_LOG" 2>&1 &
+            </dev/null >>"$MARIADB_LOG" 2>&1 9>&- & # 9>&-: the daemon must not hold the lock fd
         echo "$!" >"$MARIADB_PID"
     fi
     local deadline=$((SECONDS + 60))
@@ -309,10 +311,10 @@ kafka_up() {
         kafka_write_config
         kafka_format
         log "kafka: starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (log: $KAFKA_LOG)"
-        nohup java -Xmx512m -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
+        setsid nohup java -Xmx512m -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
             -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" \
             -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
-            </dev/null >>"$KAFKA_LOG" 2>&1 &
+            </dev/null >>"$KAFKA_LOG" 2>&1 9>&- &
         echo "$!" >"$KAFKA_PID"
     fi
     local deadline=$((SECONDS + KAFKA_UP_DEADLINE)) err="$RUN_DIR/roundtrip.err"
@@ -358,6 +360,13 @@ case "${2:-all}" in
     mariadb | kafka) servers=("$2") ;;
     *) usage ;;
 esac
+
+# Serialise up/down of this state dir (e.g. test fixtures starting servers while a script does).
+if [ "$action" = up ] || [ "$action" = down ]; then
+    mkdir -p "$RUN_DIR"
+    exec 9>"$RUN_DIR/servers.lock"
+    flock 9
+fi
 
 case "$action" in
     up)
