@@ -1,0 +1,156 @@
+"""Named SQL statements: every name the store uses exists, list binding, identifier validation."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+
+from relay import config, queries, store
+
+QUERY_NAMES = {
+    "session_isolation",
+    "session_time_zone",
+    "session_lock_wait",
+    "ready_shards",
+    "lock_shards",
+    "claim_rows",
+    "mark_published",
+    "mark_failed",
+    "note_attempt",
+    "backlog_count",
+    "failed_count",
+    "backlog_oldest_age",
+    "cleaner_lock",
+    "cleaner_unlock",
+    "expired_ids",
+    "delete_ids",
+    "replay_failed",
+    "replay_failed_ids",
+    "insert_event",
+    "ping",
+    "server_version",
+    "table_indexes",
+    "table_columns",
+    "shard_rows",
+    "topics_of_new_rows",
+}
+SCHEMA_NAMES = {"create_outbox", "create_outbox_shard", "seed_outbox_shard"}
+
+
+def test_expected_names_exist() -> None:
+    assert set(queries.load("queries.sql", "outbox").statements) == QUERY_NAMES
+    assert set(queries.load("schema.sql", "outbox").statements) == SCHEMA_NAMES
+
+
+def test_every_name_the_store_uses_exists() -> None:
+    source = inspect.getsource(store)
+    used = set(re.findall(r'(?:_execute|_rows|_scalar)\(\s*\w+,\s*"(\w+)"', source))
+    used |= set(re.findall(r'self\.sql\["(\w+)"\]', source))
+    assert len(used) >= 20  # the patterns above really match the store's calls
+    assert used == QUERY_NAMES  # nothing missing, nothing dead
+
+
+def test_statements_are_clean_single_statements() -> None:
+    for filename in ("queries.sql", "schema.sql"):
+        for name, sql in queries.load(filename, "outbox").statements.items():
+            assert sql, name
+            assert not sql.rstrip().endswith(";"), name
+            assert "{outbox" not in sql, name
+            assert not any(line.lstrip().startswith("--") for line in sql.splitlines()), name
+
+
+def test_table_names_are_quoted_and_substituted() -> None:
+    q = queries.load("queries.sql", "events_v2")
+    assert "FROM `events_v2`" in q["claim_rows"]
+    assert "FROM `events_v2_shard`" in q["lock_shards"]
+    assert "`outbox`" not in q["claim_rows"]
+    schema = queries.load("schema.sql", "events_v2")
+    assert "CREATE TABLE IF NOT EXISTS `events_v2` (" in schema["create_outbox"]
+    assert "CREATE TABLE IF NOT EXISTS `events_v2_shard` (" in schema["create_outbox_shard"]
+
+
+def test_parameters_of_claim_and_mark() -> None:
+    q = queries.load("queries.sql", "outbox")
+    assert set(re.findall(r"%\((\w+)\)s", q["claim_rows"])) == {"shards", "limit"}
+    assert "FOR UPDATE SKIP LOCKED" in q["claim_rows"]
+    assert "FOR UPDATE SKIP LOCKED" in q["lock_shards"]
+    assert set(re.findall(r"%\((\w+)\)s", q["mark_published"])) == {"ids"}
+    assert "status = 'published'" in q["delete_ids"]
+
+
+def test_schema_shards_match_the_store() -> None:
+    schema = queries.load("schema.sql", "outbox")
+    assert f"CRC32(aggregate_id) % {store.SHARDS}" in schema["create_outbox"]
+    assert f"shard < {store.SHARDS - 1}" in schema["seed_outbox_shard"]
+    for index in store.EXPECTED_INDEXES - {"PRIMARY"}:
+        assert f"KEY {index} " in schema["create_outbox"]
+
+
+def test_schema_text_is_a_runnable_script() -> None:
+    text = queries.schema_text("outbox")
+    assert text.count(";\n") == len(SCHEMA_NAMES)
+    assert text.index("CREATE TABLE IF NOT EXISTS `outbox` (") < text.index("INSERT IGNORE")
+
+
+# ------------------------------------------------------------------ bind
+
+
+def test_bind_expands_lists() -> None:
+    sql, params = queries.bind(
+        "SELECT 1 FROM t WHERE id IN %(ids)s AND x = %(x)s LIMIT %(limit)s",
+        {"ids": (7, 8, 9), "x": "a", "limit": 5},
+    )
+    assert sql == (
+        "SELECT 1 FROM t WHERE id IN (%(ids__0)s, %(ids__1)s, %(ids__2)s) AND x = %(x)s"
+        " LIMIT %(limit)s"
+    )
+    assert params == {"ids__0": 7, "ids__1": 8, "ids__2": 9, "x": "a", "limit": 5}
+
+
+def test_bind_accepts_lists_and_single_items() -> None:
+    sql, params = queries.bind("WHERE id IN %(ids)s", {"ids": [1]})
+    assert sql == "WHERE id IN (%(ids__0)s)"
+    assert params == {"ids__0": 1}
+
+
+def test_bind_does_not_touch_a_similar_name() -> None:
+    sql, params = queries.bind("WHERE id = %(id)s OR id IN %(ids)s", {"id": 1, "ids": (2, 3)})
+    assert sql == "WHERE id = %(id)s OR id IN (%(ids__0)s, %(ids__1)s)"
+    assert params == {"id": 1, "ids__0": 2, "ids__1": 3}
+
+
+def test_bind_never_puts_values_in_the_statement() -> None:
+    evil = "1); DROP TABLE outbox; --"
+    sql, params = queries.bind("WHERE id IN %(ids)s", {"ids": (evil,)})
+    assert evil not in sql
+    assert params == {"ids__0": evil}
+
+
+def test_bind_rejects_empty_list() -> None:
+    with pytest.raises(ValueError, match="empty list"):
+        queries.bind("WHERE id IN %(ids)s", {"ids": ()})
+
+
+# ------------------------------------------------------------------ identifiers
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x`; DROP TABLE users; --", "outbox`", "out box", "1outbox", "", "db.outbox", "a" * 59],
+)
+def test_table_name_injection_is_rejected(name: str) -> None:
+    with pytest.raises(ValueError, match="identifier"):
+        queries.quote(name)
+    with pytest.raises(ValueError, match="identifier"):
+        queries.load("queries.sql", name)
+    with pytest.raises(config.ConfigError, match="RELAY_OUTBOX__TABLE"):
+        config.load(outbox={"table": name})
+
+
+def test_longest_table_name_leaves_room_for_shard_table() -> None:
+    name = "a" * 58
+    q = queries.load("queries.sql", name)
+    assert f"`{name}_shard`" in q["lock_shards"]
+    assert len(f"{name}_shard") <= 64  # MySQL's identifier limit
