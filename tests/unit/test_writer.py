@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import decimal
 import re
 import socket
 import uuid
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import orjson
+import pymysql.converters
 import pytest
 
 from relay import store, writer
@@ -86,6 +88,7 @@ def test_params_values() -> None:
         message_id="00000000-0000-4000-8000-000000000001",
     )
     params = event.params()
+    event_ts = params.pop("event_ts")
     assert params == {
         "message_id": "00000000-0000-4000-8000-000000000001",
         "aggregate_type": "order",
@@ -98,11 +101,15 @@ def test_params_values() -> None:
         "headers": '{"trace":"t1"}',
         "topic": "orders",
         "source_table": "orders",
-        "event_ts": when.timestamp(),
     }
-    # 05:08:09.123456 UTC, to the microsecond whatever the offset
+    # 05:08:09.123456 UTC, to the microsecond whatever the offset, as the SQL literal the driver
+    # sends to FROM_UNIXTIME: a DOUBLE literal ("...e0") loses the last microsecond on the server
+    literal = pymysql.converters.escape_item(event_ts, "utf8mb4")
     utc = datetime.datetime(2024, 5, 6, 5, 8, 9, 123456, tzinfo=datetime.UTC)
-    assert params["event_ts"] == pytest.approx(utc.timestamp(), abs=1e-7)
+    assert decimal.Decimal(literal) == decimal.Decimal(int(utc.timestamp())) + decimal.Decimal(
+        "0.123456"
+    )
+    assert "e" not in literal.lower(), f"event_ts is sent as DOUBLE literal {literal}"
     assert orjson.loads(str(params["after_state"])) == {"status": "paid", "lines": [1, 2]}
 
 

@@ -1,0 +1,281 @@
+"""Helpers of the integration tests: settings, SQL, polling, a Kafka reader, HTTP GET."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import prometheus_client
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from servers import Kafka, MariaDB, delete_topic, unique_name
+
+from relay import config, db, store, writer
+
+TABLE = "outbox"
+
+
+def closed_port() -> int:
+    """A local TCP port nobody listens on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def make_settings(
+    mariadb: MariaDB, database: str, bootstrap: str, **groups: Mapping[str, Any]
+) -> config.Settings:
+    """Settings for the test servers; fast polling and backoff; cleaner off; probes on port 0."""
+    base: dict[str, dict[str, Any]] = {
+        "db": {
+            "host": mariadb.host,
+            "port": mariadb.port,
+            "user": mariadb.user,
+            "password": mariadb.password,
+            "name": database,
+        },
+        "kafka": {"bootstrap_servers": bootstrap, "request_timeout_s": 5.0},
+        "worker": {
+            "poll_interval_s": 0.05,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.5,
+            "publish_timeout_s": 10.0,
+            "shutdown_timeout_s": 10.0,
+        },
+        "cleaner": {"enabled": False},
+        "http": {"host": "127.0.0.1", "port": 0, "backlog_sample_interval_s": 0.5},
+    }
+    for group, values in groups.items():
+        base[group] = {**base.get(group, {}), **values}
+    return config.load(**base)
+
+
+async def migrate(settings: config.Settings) -> None:
+    conn = await db.connect(settings)
+    try:
+        await store.Store(settings.outbox.table).migrate(conn)
+    finally:
+        db.close(conn)
+
+
+async def sql(
+    settings: config.Settings, statement: str, args: Sequence[object] | None = None
+) -> list[tuple[Any, ...]]:
+    """Run one statement on a fresh relay connection (autocommit) and return its rows."""
+    conn = await db.connect(settings)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(statement, args)
+            rows: list[tuple[Any, ...]] = list(await cur.fetchall())
+            return rows
+    finally:
+        db.close(conn)
+
+
+async def write(settings: config.Settings, *events: writer.Event) -> list[str]:
+    """Insert events in one committed transaction, as Service A would."""
+    conn = await db.connect(settings, autocommit=False)
+    try:
+        async with conn.cursor() as cur:
+            ids = await writer.OutboxWriter(settings.outbox.table).add(cur, *events)
+        await conn.commit()
+    finally:
+        db.close(conn)
+    return ids
+
+
+def event(aggregate_id: str, seq: int = 0, **changes: Any) -> writer.Event:
+    fields: dict[str, Any] = {
+        "aggregate_type": "order",
+        "aggregate_id": aggregate_id,
+        "event_type": "OrderChanged",
+        "after": {"seq": seq},
+    }
+    return writer.Event(**{**fields, **changes})
+
+
+async def statuses(settings: config.Settings) -> dict[str, str]:
+    rows = await sql(settings, f"SELECT message_id, status FROM `{settings.outbox.table}`")
+    return {str(m): str(s) for m, s in rows}
+
+
+async def rows_by_message_id(settings: config.Settings) -> dict[str, dict[str, Any]]:
+    rows = await sql(
+        settings,
+        "SELECT message_id, id, status, attempts, last_error, published_at"
+        f" FROM `{settings.outbox.table}`",
+    )
+    return {
+        str(r[0]): {
+            "id": r[1],
+            "status": r[2],
+            "attempts": r[3],
+            "last_error": r[4],
+            "published_at": r[5],
+        }
+        for r in rows
+    }
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30.0
+) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def wait_for_statuses(
+    settings: config.Settings, expected: Mapping[str, str], timeout_s: float = 30.0
+) -> None:
+    async def reached() -> bool:
+        current = await statuses(settings)
+        return all(current.get(m) == s for m, s in expected.items())
+
+    await wait_until(reached, f"{len(expected)} rows to reach their status", timeout_s)
+
+
+def metric(name: str, **labels: str) -> float:
+    return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# ------------------------------------------------------------------ Kafka
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+    headers: dict[str, bytes]
+
+    @property
+    def message_id(self) -> str:
+        return self.headers["message_id"].decode()
+
+
+@contextlib.asynccontextmanager
+async def fresh_topic(
+    kafka: Kafka, partitions: int = 1, configs: Mapping[str, str] | None = None
+) -> AsyncIterator[str]:
+    """A new topic (with topic-level configs), ready to produce to; deleted afterwards."""
+    name = unique_name("t_")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        async with asyncio.timeout(30):
+            response = await admin.create_topics(
+                [
+                    NewTopic(
+                        name=name,
+                        num_partitions=partitions,
+                        replication_factor=1,
+                        topic_configs=dict(configs or {}),
+                    )
+                ]
+            )
+            assert all(entry[1] == 0 for entry in response.topic_errors), response
+            while True:
+                described = await admin.describe_topics([name])
+                parts = described[0].get("partitions", []) if described else []
+                if (
+                    described
+                    and described[0].get("error_code", 0) == 0
+                    and len(parts) == partitions
+                    and all(p.get("leader", -1) >= 0 for p in parts)
+                ):
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.close()
+    try:
+        yield name
+    finally:
+        await delete_topic(kafka.bootstrap, name)
+
+
+async def consume(
+    kafka: Kafka,
+    topic: str,
+    done: Callable[[list[Message]], bool],
+    timeout_s: float = 60.0,
+) -> list[Message]:
+    """Read every partition of ``topic`` from the beginning until ``done(messages)``."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False
+    )
+    await consumer.start()
+    messages: list[Message] = []
+    try:
+        await consumer.topics()  # fetches the cluster metadata
+        partitions = consumer.partitions_for_topic(topic)
+        assert partitions, f"topic {topic} has no partitions"
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        async with asyncio.timeout(timeout_s):
+            while not done(messages):
+                batches = await consumer.getmany(*tps, timeout_ms=200)
+                for tp, records in batches.items():
+                    messages.extend(
+                        Message(
+                            topic,
+                            tp.partition,
+                            r.offset,
+                            r.key or b"",
+                            r.value or b"",
+                            dict(r.headers),
+                        )
+                        for r in records
+                    )
+    finally:
+        await consumer.stop()
+    return messages
+
+
+def has_ids(ids: set[str]) -> Callable[[list[Message]], bool]:
+    return lambda messages: ids <= {m.message_id for m in messages}
+
+
+async def end_offsets(kafka: Kafka, topic: str) -> int:
+    """Total records in ``topic`` (sum of end offsets)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None)
+    await consumer.start()
+    try:
+        await consumer.topics()  # fetches the cluster metadata
+        partitions = consumer.partitions_for_topic(topic)
+        assert partitions, f"topic {topic} has no partitions"
+        offsets = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        return sum(offsets.values())
+    finally:
+        await consumer.stop()
+
+
+# ------------------------------------------------------------------ HTTP
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer_ = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer_.write(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+        await writer_.drain()
+        async with asyncio.timeout(15):
+            response = await reader.read()
+    finally:
+        writer_.close()
+        with contextlib.suppress(ConnectionError):
+            await writer_.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, body.decode()

@@ -1,0 +1,426 @@
+"""The store against the real MariaDB: migrate, shard locking, claim plans, the writer helper.
+
+Design note criticisms shown impossible here:
+
+* concurrent recovery: two transactions locking shards get disjoint shards and disjoint rows;
+* full-table-scan recovery query: the claim, ready-shard and lock queries use their indexes, with
+  no filesort, also with ~100k published rows in the table;
+* event written outside the domain transaction: the writer helper never commits; its rows are
+  invisible to others until the caller commits, and gone if the caller rolls back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pymysql
+import pytest
+import pytest_asyncio
+from integration import helpers
+from servers import Kafka, MariaDB
+
+from relay import config, db, queries, store, writer
+
+pytestmark = pytest.mark.integration
+
+S = store.Store(helpers.TABLE)
+
+
+@pytest_asyncio.fixture
+async def settings(mariadb: MariaDB, kafka: Kafka, database: str) -> config.Settings:
+    settings = helpers.make_settings(mariadb, database, kafka.bootstrap)
+    await helpers.migrate(settings)
+    return settings
+
+
+@pytest_asyncio.fixture
+async def conns(settings: config.Settings) -> AsyncIterator[list[db.Connection]]:
+    """Three relay connections (READ COMMITTED, autocommit off), closed afterwards."""
+    opened = [await db.connect(settings, autocommit=False) for _ in range(3)]
+    try:
+        yield opened
+    finally:
+        for conn in opened:
+            db.close(conn)
+
+
+async def shard_of(settings: config.Settings) -> dict[str, int]:
+    rows = await helpers.sql(settings, "SELECT aggregate_id, shard FROM outbox")
+    return {str(a): int(s) for a, s in rows}
+
+
+async def test_migrate_is_idempotent_without_warnings(
+    mariadb: MariaDB, kafka: Kafka, database: str
+) -> None:
+    settings = helpers.make_settings(mariadb, database, kafka.bootstrap)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await helpers.migrate(settings)
+        await helpers.write(settings, helpers.event("a"))
+        await helpers.migrate(settings)
+    assert [str(w.message) for w in caught] == []
+    conn = await db.connect(settings)
+    try:
+        assert await S.shard_rows(conn) == store.SHARDS
+        assert await S.indexes(conn) == store.EXPECTED_INDEXES
+        assert {"id", "shard", "status", "attempts", "published_at"} <= await S.columns(conn)
+    finally:
+        db.close(conn)
+    assert list((await helpers.statuses(settings)).values()) == ["new"]  # data survives
+
+
+async def test_shard_is_crc32_of_aggregate_id(settings: config.Settings) -> None:
+    await helpers.write(settings, *(helpers.event(f"agg-{i}") for i in range(20)))
+    for aggregate_id, shard in (await shard_of(settings)).items():
+        rows = await helpers.sql(settings, "SELECT MOD(CRC32(%s), 64)", [aggregate_id])
+        assert shard == rows[0][0]
+
+
+async def test_concurrent_lockers_get_disjoint_shards_and_rows(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    """Concurrent recovery: two claimers never own the same shard or the same row."""
+    await helpers.write(settings, *(helpers.event(f"agg-{i}", i) for i in range(400)))
+    a, b, c = conns
+    ready = await S.ready_shards(a)
+    assert len(ready) == store.SHARDS  # 400 aggregates cover every shard
+    await a.begin()
+    await b.begin()
+    await c.begin()
+    shards_a = await S.lock_shards(a, ready, 16)
+    shards_b = await S.lock_shards(b, ready, 16)
+    assert len(shards_a) == len(shards_b) == 16
+    assert not set(shards_a) & set(shards_b)
+    rows_a = await S.claim_rows(a, shards_a, 1000)
+    rows_b = await S.claim_rows(b, shards_b, 1000)
+    assert rows_a
+    # b's shards have ~100 new rows nobody else owns; a's claim must not hide them from b
+    # (fails when a's claim scans ix_claim past its own shards and keeps those index records)
+    assert rows_b, "b owns 16 shards with new rows yet claims nothing while a holds its claim"
+    assert not {r.id for r in rows_a} & {r.id for r in rows_b}
+    owner = await shard_of(settings)
+    assert {owner[r.aggregate_id] for r in rows_a} <= set(shards_a)
+    assert {owner[r.aggregate_id] for r in rows_b} <= set(shards_b)
+    # a third takes what is left, without waiting on the locks held by the other two
+    shards_c = await S.lock_shards(c, ready, 64)
+    assert set(shards_c) == set(ready) - set(shards_a) - set(shards_b)
+    assert await S.lock_shards(c, ready, 64) == shards_c  # re-locking own shards is fine
+    await c.rollback()
+    # the first finishes: only its own rows become published
+    await S.mark_published(a, [r.id for r in rows_a])
+    await a.commit()
+    await b.rollback()
+    published = {m for m, s in (await helpers.statuses(settings)).items() if s == "published"}
+    assert published == {r.message_id for r in rows_a}
+    # b's shards are free again and their rows still new
+    await b.begin()
+    assert set(await S.lock_shards(b, ready, 64)) == set(ready)
+    again = await S.claim_rows(b, ready, 1000)
+    assert {r.id for r in again} == {r.id for r in rows_b} | {
+        r.id for r in await _new_rows(settings)
+    }
+    await b.rollback()
+
+
+async def _new_rows(settings: config.Settings) -> list[Any]:
+    return await helpers.sql(settings, "SELECT id FROM outbox WHERE status = 'new'")
+
+
+async def test_claim_is_a_per_shard_prefix_in_id_order(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    # five aggregates, ten events each, interleaved
+    await helpers.write(
+        settings, *(helpers.event(f"agg-{a}", seq) for seq in range(10) for a in range(5))
+    )
+    conn = conns[0]
+    ready = await S.ready_shards(conn)
+    await conn.begin()
+    shards = await S.lock_shards(conn, ready, 64)
+    rows = await S.claim_rows(conn, shards, 1000)
+    await conn.rollback()
+    owner = await shard_of(settings)
+    keys = [(owner[r.aggregate_id], r.id) for r in rows]
+    assert keys == sorted(keys)
+    assert len(rows) == 50
+    for a in range(5):
+        seqs = [r.after_state for r in rows if r.aggregate_id == f"agg-{a}"]
+        assert seqs == [f'{{"seq":{seq}}}' for seq in range(10)]
+    # a limit takes the oldest rows of the first shard first
+    await conn.begin()
+    first = await S.claim_rows(conn, [min(shards)], 3)
+    await conn.rollback()
+    oldest = sorted(r.id for r in rows if owner[r.aggregate_id] == min(shards))[:3]
+    assert [r.id for r in first] == oldest
+
+
+async def test_ready_shards_oldest_head_first_and_lock_wraps_around(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    # pick three aggregates in distinct shards and insert them newest-shard-first
+    candidates: dict[int, str] = {}
+    for i in range(200):
+        rows = await helpers.sql(settings, "SELECT MOD(CRC32(%s), 64)", [f"w-{i}"])
+        candidates.setdefault(int(rows[0][0]), f"w-{i}")
+    high, mid, low = sorted(candidates)[-1], sorted(candidates)[32], sorted(candidates)[0]
+    for shard in (mid, low, high):  # insertion order = head order
+        await helpers.write(settings, helpers.event(candidates[shard]))
+    conn = conns[0]
+    ready = await S.ready_shards(conn)
+    assert ready == [mid, low, high]
+    await conn.begin()
+    # from the oldest head (mid) upwards in shard order, then wrapping around to low
+    assert await S.lock_shards(conn, ready, 2) == [mid, high]
+    await conn.rollback()
+    await conn.begin()
+    assert await S.lock_shards(conn, ready, 3) == [mid, high, low]
+    await conn.rollback()
+
+
+async def test_uncommitted_rows_are_not_ready_nor_claimed(
+    settings: config.Settings, mariadb: MariaDB, database: str, conns: list[db.Connection]
+) -> None:
+    """SKIP LOCKED passes over rows of a writer transaction that has not committed yet."""
+    service_a = mariadb.connect(database, autocommit=False)
+    try:
+        with service_a.cursor() as cur:
+            writer.OutboxWriter().add_sync(cur, helpers.event("pending"))
+            conn = conns[0]
+            await conn.begin()
+            ready = await S.ready_shards(conn)
+            claimed = await S.claim_rows(conn, ready, 100) if ready else []
+            assert claimed == []
+            await conn.rollback()
+        service_a.commit()
+    finally:
+        service_a.close()
+    conn = conns[0]
+    ready = await S.ready_shards(conn)
+    await conn.begin()
+    assert [r.aggregate_id for r in await S.claim_rows(conn, ready, 100)] == ["pending"]
+    await conn.rollback()
+
+
+def _count(mariadb: MariaDB, database: str) -> int:
+    other = mariadb.connect(database)
+    try:
+        with other.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM outbox")
+            row = cur.fetchone()
+            assert row is not None
+            return int(row[0])
+    finally:
+        other.close()
+
+
+async def test_writer_sync_never_commits(
+    settings: config.Settings, mariadb: MariaDB, database: str
+) -> None:
+    """The event is written inside the domain transaction: visible only when the caller commits."""
+    service_a = mariadb.connect(database, autocommit=False)
+    try:
+        with service_a.cursor() as cur:
+            cur.execute("CREATE TABLE orders (id INT PRIMARY KEY, status VARCHAR(10))")
+            service_a.commit()
+            cur.execute("INSERT INTO orders VALUES (1, 'paid')")
+            ids = writer.OutboxWriter().add_sync(cur, helpers.event("1"), helpers.event("1", 1))
+            assert _count(mariadb, database) == 0
+            service_a.rollback()
+            assert _count(mariadb, database) == 0
+            cur.execute("INSERT INTO orders VALUES (2, 'paid')")
+            committed = writer.OutboxWriter().add_sync(cur, helpers.event("2"))
+            assert _count(mariadb, database) == 0
+        service_a.commit()
+    finally:
+        service_a.close()
+    assert _count(mariadb, database) == 1
+    current = await helpers.statuses(settings)
+    assert set(current) == set(committed)
+    assert not set(ids) & set(current)
+    orders = await helpers.sql(settings, "SELECT id FROM orders")
+    assert orders == [(2,)]  # the domain change and its event, together
+
+
+async def test_writer_async_never_commits(
+    settings: config.Settings, mariadb: MariaDB, database: str
+) -> None:
+    conn = await db.connect(settings, autocommit=False)
+    try:
+        async with conn.cursor() as cur:
+            await writer.OutboxWriter().add(cur, helpers.event("x"))
+        assert _count(mariadb, database) == 0
+        await conn.rollback()
+        assert _count(mariadb, database) == 0
+        async with conn.cursor() as cur:
+            await writer.OutboxWriter().add(cur, helpers.event("y"))
+        assert _count(mariadb, database) == 0
+        await conn.commit()
+    finally:
+        db.close(conn)
+    assert _count(mariadb, database) == 1
+
+
+async def test_writer_stores_event_time_in_utc(settings: config.Settings) -> None:
+    when = datetime.datetime(
+        2024, 1, 2, 3, 4, 5, 678901, tzinfo=datetime.timezone(datetime.timedelta(hours=-5))
+    )
+    await helpers.write(settings, helpers.event("t", event_time=when))
+    conn = await db.connect(settings, autocommit=False)
+    try:
+        ready = await S.ready_shards(conn)
+        await conn.begin()
+        (row,) = await S.claim_rows(conn, ready, 10)
+        await conn.rollback()
+    finally:
+        db.close(conn)
+    assert row.event_us == int(when.timestamp() * 1_000_000)
+
+
+async def test_mark_failed_note_attempt_and_replay(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    ids = await helpers.write(settings, *(helpers.event(f"r-{i}") for i in range(4)))
+    rows = await helpers.rows_by_message_id(settings)
+    row_ids = [rows[m]["id"] for m in ids]
+    conn = conns[0]
+    await S.mark_failed(conn, row_ids[0], "too_large: " + "x" * 5000)
+    await S.mark_failed(conn, row_ids[1], "bad_headers: nope")
+    await S.note_attempt(conn, [row_ids[2]], "KafkaTimeoutError")
+    await conn.commit()
+    rows = await helpers.rows_by_message_id(settings)
+    assert [rows[m]["status"] for m in ids] == ["failed", "failed", "new", "new"]
+    assert len(rows[ids[0]]["last_error"]) == 1024
+    assert rows[ids[2]]["attempts"] == 1
+    assert rows[ids[2]]["last_error"] == "KafkaTimeoutError"
+    # replay by id: only that row
+    assert await S.replay(conn, [row_ids[1]], 100) == 1
+    rows = await helpers.rows_by_message_id(settings)
+    assert [rows[m]["status"] for m in ids] == ["failed", "new", "new", "new"]
+    assert rows[ids[1]]["last_error"] is None
+    # replay all failed
+    assert await S.replay(conn, None, 100) == 1
+    assert set((await helpers.statuses(settings)).values()) == {"new"}
+    assert await S.replay(conn, None, 100) == 0
+
+
+async def test_backlog(settings: config.Settings, conns: list[db.Connection]) -> None:
+    conn = conns[0]
+    assert await S.backlog(conn, 1000) == (0, 0.0, 0)
+    ids = await helpers.write(settings, *(helpers.event(f"b-{i}") for i in range(5)))
+    rows = await helpers.rows_by_message_id(settings)
+    await S.mark_failed(conn, rows[ids[0]]["id"], "bad_row: x")
+    await conn.commit()
+    count, age, failed = await S.backlog(conn, 1000)
+    assert (count, failed) == (4, 1)
+    assert age >= 0.0
+    assert (await S.backlog(conn, 2))[0] == 2  # capped
+
+
+# ------------------------------------------------------------------ query plans
+
+
+async def _explain(
+    conn: db.Connection, name: str, params: dict[str, object]
+) -> list[dict[str, Any]]:
+    sql, bound = queries.bind(S.sql[name], params)
+    async with conn.cursor() as cur:
+        await cur.execute("EXPLAIN " + sql, bound)
+        columns = [d[0] for d in cur.description]
+        return [dict(zip(columns, row, strict=True)) for row in await cur.fetchall()]
+
+
+def _assert_indexed(name: str, plan: list[dict[str, Any]], table_key: dict[str, str]) -> None:
+    """Each named table (alias) is read through the given index; no full scan, no filesort."""
+    for step in plan:
+        assert "filesort" not in (step["Extra"] or ""), (name, plan)
+        if step["table"] in table_key:
+            assert step["key"] == table_key[step["table"]], (name, plan)
+            assert step["type"] != "ALL", (name, plan)
+    assert {s["table"] for s in plan} >= set(table_key), (name, plan)
+
+
+async def _fill_published(settings: config.Settings, rows: int) -> None:
+    """About ``rows`` published rows, inserted fast by doubling; then fresh statistics."""
+    await helpers.sql(
+        settings,
+        "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, status,"
+        " published_at) SELECT UUID(), 'order', CONCAT('p-', seq), 'E', 'published',"
+        " CURRENT_TIMESTAMP(6) FROM seq_1_to_1000",
+    )
+    total = 1000
+    while total < rows:
+        await helpers.sql(
+            settings,
+            "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, status,"
+            " published_at) SELECT UUID(), aggregate_type, CONCAT(aggregate_id, '-', id),"
+            " event_type, 'published', published_at FROM outbox WHERE status = 'published'",
+        )
+        total *= 2
+    await helpers.sql(settings, "ANALYZE TABLE outbox")
+
+
+PLAN_CHECKS: list[tuple[str, dict[str, object], dict[str, str]]] = [
+    # (statement, parameters, {table or alias: index it must use}); none may sort
+    ("claim_rows", {"shards": tuple(range(16)), "limit": 500}, {"outbox": "ix_claim"}),
+    ("claim_rows", {"shards": (7,), "limit": 500}, {"outbox": "ix_claim"}),
+    ("ready_shards", {}, {"o": "ix_claim", "s": "PRIMARY"}),
+    ("lock_shards", {"shards": tuple(range(10, 40)), "limit": 16}, {"outbox_shard": "PRIMARY"}),
+    ("backlog_oldest_age", {}, {"x": "ix_claim", "o": "PRIMARY"}),
+    ("expired_ids", {"retention_us": 1, "limit": 1000}, {"outbox": "ix_clean"}),
+    ("mark_published", {"ids": (1, 2, 3)}, {"outbox": "PRIMARY"}),
+]
+
+
+@pytest.mark.parametrize("published_rows", [0, 100_000], ids=["empty", "100k-published"])
+async def test_hot_queries_use_their_indexes(
+    settings: config.Settings, conns: list[db.Connection], published_rows: int
+) -> None:
+    """Recovery is never a full table scan: not with an empty table, not with 100k rows done."""
+    if published_rows:
+        await _fill_published(settings, published_rows)
+    await helpers.write(settings, *(helpers.event(f"n-{i}") for i in range(300)))
+    await helpers.sql(settings, "ANALYZE TABLE outbox")
+    count = await helpers.sql(settings, "SELECT COUNT(*) FROM outbox")
+    assert count[0][0] >= published_rows + 300
+    for name, params, keys in PLAN_CHECKS:
+        _assert_indexed(name, await _explain(conns[0], name, params), keys)
+
+
+@pytest.mark.slow
+async def test_claim_returns_only_new_rows_among_many_published(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    await _fill_published(settings, 100_000)
+    ids = await helpers.write(settings, *(helpers.event(f"n-{i}") for i in range(50)))
+    conn = conns[0]
+    ready = await S.ready_shards(conn)
+    await conn.begin()
+    shards = await S.lock_shards(conn, ready, 64)
+    rows = await S.claim_rows(conn, shards, 1000)
+    await conn.rollback()
+    assert {r.message_id for r in rows} == set(ids)
+
+
+async def test_statements_raise_no_server_warnings(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    """filterwarnings=error turns MySQL warnings into failures; exercise every relay statement."""
+    conn = conns[0]
+    await helpers.write(settings, helpers.event("w"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pymysql.Warning)
+        await S.prepare_session(conn, lock_wait_timeout_s=1.5)
+        await S.ping(conn)
+        assert "MariaDB" in await S.server_version(conn)
+        ready = await S.ready_shards(conn)
+        await conn.begin()
+        shards = await S.lock_shards(conn, ready, 4)
+        rows = await S.claim_rows(conn, shards, 10)
+        await S.mark_published(conn, [r.id for r in rows])
+        await conn.commit()
+        await S.backlog(conn, 10)
+        await S.routing_of_new_rows(conn, 10)
+        assert await S.delete_expired(conn, 0, 10) == 1
