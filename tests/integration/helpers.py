@@ -205,6 +205,18 @@ async def fresh_topic(
         await delete_topic(kafka.bootstrap, name)
 
 
+async def partitions_of(kafka: Kafka, topic: str) -> list[int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    partitions = sorted(int(p["partition"]) for p in described[0].get("partitions", []))
+    assert partitions, f"topic {topic} has no partitions"
+    return partitions
+
+
 async def consume(
     kafka: Kafka,
     topic: str,
@@ -218,10 +230,7 @@ async def consume(
     await consumer.start()
     messages: list[Message] = []
     try:
-        await consumer.topics()  # fetches the cluster metadata
-        partitions = consumer.partitions_for_topic(topic)
-        assert partitions, f"topic {topic} has no partitions"
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(topic, p) for p in await partitions_of(kafka, topic)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         async with asyncio.timeout(timeout_s):
@@ -253,10 +262,8 @@ async def end_offsets(kafka: Kafka, topic: str) -> int:
     consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None)
     await consumer.start()
     try:
-        await consumer.topics()  # fetches the cluster metadata
-        partitions = consumer.partitions_for_topic(topic)
-        assert partitions, f"topic {topic} has no partitions"
-        offsets = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+        tps = [TopicPartition(topic, p) for p in await partitions_of(kafka, topic)]
+        offsets = await consumer.end_offsets(tps)
         return sum(offsets.values())
     finally:
         await consumer.stop()
