@@ -1,0 +1,661 @@
+"""``relay demo`` and ``relay bench``: the relay with a simulated Service A and Service B.
+
+``relay demo`` runs everything in one process (the relay is an :class:`relay.app.App`) and
+prints live figures every second. ``relay bench`` runs the relay under test as a separate
+process (``python -m relay run``) so that its CPU time and resident memory can be measured, in a
+fresh database and fresh topics, and reports latency, throughput, loss, duplicates, order, relay
+CPU per 1,000 messages, idle CPU, peak RSS and claim cost (from the relay's ``/metrics``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import structlog
+
+from relay import __version__, app, config, loadgen, stats
+
+log = structlog.get_logger(__name__)
+
+DRAIN_WAIT_S = 30.0
+CLAIM_METRIC = "outbox_relay_claim_duration_seconds"
+PUBLISHED_METRIC = "outbox_relay_published"
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def add_arguments(demo: argparse.ArgumentParser, bench: argparse.ArgumentParser) -> None:
+    for p in (demo, bench):
+        p.add_argument("--rate", type=float, default=500.0, help="committed msg/s (default 500)")
+        p.add_argument("--aggregates", type=int, default=1000, help="distinct aggregate ids")
+        p.add_argument("--writers", type=int, default=16, help="Service A connections")
+        p.add_argument("--event-bytes", type=int, default=1024, help="size of `after` JSON")
+        p.add_argument("--partitions", type=int, default=6, help="partitions of fresh topics")
+        p.add_argument("--keep", action="store_true", help="keep the topic (and bench database)")
+    demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
+    bench.add_argument("--mode", choices=("rate", "drain", "raw", "all"), default="rate")
+    bench.add_argument("--duration", type=float, default=60.0, help="rate mode: seconds")
+    bench.add_argument("--rows", type=int, default=1_000_000, help="drain/raw: messages")
+    bench.add_argument(
+        "--retained-published", type=int, default=0, help="preload N rows already published"
+    )
+    bench.add_argument(
+        "--drain-timeout", type=float, default=600.0, help="drain: give up after seconds"
+    )
+    bench.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU window")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--output", type=Path, default=None, help="also write the JSON here")
+    bench.add_argument(
+        "--relay-log", type=Path, default=None, help="relay process output (default: discard)"
+    )
+
+
+# -- relay demo -------------------------------------------------------------------------------
+
+
+async def demo(settings: config.Settings, args: argparse.Namespace) -> int:
+    """Relay + Service A + Service B in this process, one status line per second."""
+    topic = f"outbox.demo-{uuid.uuid4().hex[:8]}"
+    wakeup = settings.wakeup.model_copy(update={"enabled": True, "host": "127.0.0.1", "port": 0})
+    settings = loadgen.with_topic(settings, topic).model_copy(update={"wakeup": wakeup})
+    workload = loadgen.Workload(aggregates=args.aggregates, event_bytes=args.event_bytes)
+    tracker = stats.Tracker()
+    await loadgen.create_database(settings, settings.db.name, exist_ok=True)
+    await loadgen.prepare_database(settings, args.aggregates)
+    await loadgen.create_topic(settings, topic, args.partitions)
+    print(f"schema applied: {settings.db.name}.{settings.outbox.table}; topic {topic}")
+    relay = app.App(settings)
+    relay_task = asyncio.create_task(relay.run(), name="relay")
+    consumer = loadgen.ServiceB(settings, topic, args.partitions, workload, tracker)
+    writers_stop = asyncio.Event()
+    consumer_stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        port = await _wakeup_port(relay, relay_task)
+        _on_interrupt(writers_stop)  # after App.run installed its own handlers
+        await consumer.start()
+        tasks.append(asyncio.create_task(consumer.run(consumer_stop), name="service-b"))
+        service_a = loadgen.ServiceA(
+            settings,
+            workload,
+            tracker,
+            rate=args.rate,
+            writers=args.writers,
+            notify_to=f"127.0.0.1:{port}",
+        )
+        tasks.append(asyncio.create_task(service_a.run(writers_stop), name="service-a"))
+        print(_demo_header())
+        started = time.monotonic()
+        await _demo_report(tracker, started, args.duration, writers_stop, relay_task)
+        writers_stop.set()
+        await tasks[-1]
+        drained = await _wait_drained(tracker, DRAIN_WAIT_S, relay_task)
+        elapsed = time.monotonic() - started
+    finally:
+        writers_stop.set()
+        consumer_stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        relay.request_stop()
+        relay_code = await relay_task
+        if not args.keep:
+            with contextlib.suppress(Exception):
+                await loadgen.delete_topics(settings, [topic])
+    summary = tracker.summary()
+    print(
+        f"\nsummary: {elapsed:.0f} s, {service_a.transactions} transactions "
+        f"({service_a.rollbacks} rolled back), {summary.committed} events committed, "
+        f"{summary.received} received ({summary.committed / max(elapsed, 1e-9):.0f} msg/s), "
+        f"{summary.duplicates} duplicates"
+    )
+    lat = summary.latency_from_commit_ms
+    start = summary.latency_from_start_ms
+    print(
+        f"commit-to-consume ms: p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  "
+        f"p99 {lat['p99']:.1f}  p99.9 {lat['p99.9']:.1f}  max {lat['max']:.1f}"
+    )
+    print(
+        f"tx-start-to-consume ms: p50 {start['p50']:.1f}  p95 {start['p95']:.1f}  "
+        f"p99 {start['p99']:.1f}  p99.9 {start['p99.9']:.1f}  max {start['max']:.1f}"
+    )
+    print(
+        f"lost {summary.lost}  rolled-back delivered {summary.leaked}  "
+        f"order violations {summary.order_violations}  drained {'yes' if drained else 'NO'}"
+    )
+    ok = summary.ok and relay_code == 0
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+async def _wakeup_port(relay: app.App, relay_task: asyncio.Task[int]) -> int:
+    async with asyncio.timeout(60):
+        while True:
+            if relay_task.done():
+                raise RuntimeError(f"relay stopped at start-up (exit {relay_task.result()})")
+            with contextlib.suppress(RuntimeError):
+                return relay.wakeup.port
+            await asyncio.sleep(0.02)
+
+
+def _on_interrupt(stop: asyncio.Event) -> None:
+    """First Ctrl-C: stop writing and drain; a second one raises KeyboardInterrupt."""
+    loop = asyncio.get_running_loop()
+
+    def handler() -> None:
+        if stop.is_set():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            raise KeyboardInterrupt
+        print("\nstopping: no new transactions, waiting for the relay to drain", flush=True)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handler)
+
+
+def _demo_header() -> str:
+    return (
+        f"{'time':>5} {'rate/s':>7} {'in-flight':>9} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'cum p50':>8} {'cum p99':>8} {'lost':>5}"
+    )
+
+
+async def _demo_report(
+    tracker: stats.Tracker,
+    started: float,
+    duration: float | None,
+    stop: asyncio.Event,
+    relay_task: asyncio.Task[int],
+) -> None:
+    """One line per second: commit-to-consume latency of the last second and cumulative."""
+    tick = 0
+    while not stop.is_set() and not relay_task.done():
+        tick += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), started + tick - time.monotonic())
+        window = tracker.take_window()
+        now = time.monotonic()
+        cum = tracker.cumulative
+        print(
+            f"{now - started:5.0f} {len(window):7d} {tracker.in_flight:9d} "
+            f"{stats.percentile(window, 50):7.1f} {stats.percentile(window, 99):7.1f} "
+            f"{cum.percentile(50):8.1f} {cum.percentile(99):8.1f} "
+            f"{tracker.overdue(now, DRAIN_WAIT_S):5d}",
+            flush=True,
+        )
+        if duration is not None and now - started >= duration:
+            return
+
+
+async def _wait_drained(
+    tracker: stats.Tracker, timeout_s: float, relay_task: asyncio.Task[int] | None = None
+) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while tracker.in_flight and time.monotonic() < deadline:
+        if relay_task is not None and relay_task.done():
+            return False
+        await asyncio.sleep(0.05)
+    return tracker.in_flight == 0
+
+
+# -- relay bench: the relay as a separate process ---------------------------------------------
+
+
+def _free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def http_get(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
+    """GET on the relay's probe port (HTTP/1.0, no keep-alive)."""
+    async with asyncio.timeout(timeout_s):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            await writer.drain()
+            data = await reader.read()
+        finally:
+            writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, body.decode()
+
+
+class RelayProcess:
+    """``python -m relay run`` with its own RELAY_* settings; CPU and RSS sampled with psutil."""
+
+    def __init__(self, env: dict[str, str], http_port: int, log_path: Path | None) -> None:
+        self._env = env
+        self.http_port = http_port
+        self._log_path = log_path
+        self._proc: asyncio.subprocess.Process | None = None
+        self._ps: psutil.Process | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self.rss_samples: list[tuple[float, int]] = []
+
+    async def start(self) -> None:
+        out: Any = asyncio.subprocess.DEVNULL
+        if self._log_path is not None:
+            out = self._log_path.open("ab")
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "run", env=self._env, stdout=out, stderr=out
+        )
+        self._ps = psutil.Process(self._proc.pid)
+        self._sampler = asyncio.create_task(self._sample(), name="rss-sampler")
+        async with asyncio.timeout(60):
+            while True:
+                if self._proc.returncode is not None:
+                    raise RuntimeError(f"relay exited at start-up ({self._proc.returncode})")
+                with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
+                    status, _ = await http_get(self.http_port, "/readyz", 2.0)
+                    if status == 200:
+                        return
+                await asyncio.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None  # noqa: S101 - started
+        return self._proc.pid
+
+    async def _sample(self) -> None:
+        assert self._ps is not None  # noqa: S101 - started
+        started = time.monotonic()
+        with contextlib.suppress(psutil.Error):
+            while True:
+                self.rss_samples.append((time.monotonic() - started, self._ps.memory_info().rss))
+                await asyncio.sleep(0.5)
+
+    def cpu_s(self) -> float:
+        assert self._ps is not None  # noqa: S101 - started
+        times = self._ps.cpu_times()
+        return float(times.user + times.system)
+
+    def peak_rss_mb(self, since_s: float = 0.0) -> float:
+        values = [rss for t, rss in self.rss_samples if t >= since_s]
+        return max(values, default=0) / 2**20
+
+    def uptime_s(self) -> float:
+        return self.rss_samples[-1][0] if self.rss_samples else 0.0
+
+    async def metrics(self) -> str:
+        status, body = await http_get(self.http_port, "/metrics")
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        return body
+
+    async def stop(self) -> int:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+        if self._proc is None:
+            return 0
+        if self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(30):
+                    await self._proc.wait()
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+        return self._proc.returncode or 0
+
+
+class Window:
+    """Relay CPU time and metrics between two moments."""
+
+    def __init__(self, relay: RelayProcess) -> None:
+        self._relay = relay
+        self.t0 = 0.0
+        self.cpu0 = 0.0
+        self.uptime0 = 0.0
+        self.metrics0 = ""
+
+    async def open(self) -> None:
+        self.metrics0 = await self._relay.metrics()
+        self.t0 = time.monotonic()
+        self.cpu0 = self._relay.cpu_s()
+        self.uptime0 = self._relay.uptime_s()
+
+    async def close(self) -> dict[str, Any]:
+        metrics1 = await self._relay.metrics()
+        seconds = time.monotonic() - self.t0
+        cpu = self._relay.cpu_s() - self.cpu0
+        published = stats.parse_counter(metrics1, PUBLISHED_METRIC) - stats.parse_counter(
+            self.metrics0, PUBLISHED_METRIC
+        )
+        after, sum1 = stats.parse_histogram(metrics1, CLAIM_METRIC)
+        before, sum0 = stats.parse_histogram(self.metrics0, CLAIM_METRIC)
+        claims = stats.bucket_delta(after, before)
+        count = claims[-1][1] if claims else 0.0
+        return {
+            "seconds": seconds,
+            "published": published,
+            "cpu_s": cpu,
+            "cpu_ms_per_1000": cpu * 1000.0 / (published / 1000.0) if published else math.nan,
+            "cpu_percent": 100.0 * cpu / seconds,
+            "peak_rss_mb": self._relay.peak_rss_mb(self.uptime0),
+            "claim": {
+                "count": count,
+                "p50_ms": 1000.0 * stats.histogram_quantile(claims, 0.5),
+                "p99_ms": 1000.0 * stats.histogram_quantile(claims, 0.99),
+                "mean_ms": 1000.0 * (sum1 - sum0) / count if count else math.nan,
+            },
+        }
+
+
+def _relay_env(settings: config.Settings, database: str, topic: str) -> tuple[dict[str, str], int]:
+    http_port = _free_port(socket.SOCK_STREAM)
+    env = dict(os.environ)
+    env.update(
+        {
+            "RELAY_DB__NAME": database,
+            "RELAY_OUTBOX__TOPIC_TEMPLATE": topic,
+            "RELAY_HTTP__HOST": "127.0.0.1",
+            "RELAY_HTTP__PORT": str(http_port),
+            "RELAY_WAKEUP__ENABLED": "true",
+            "RELAY_WAKEUP__HOST": "127.0.0.1",
+            "RELAY_WAKEUP__PORT": str(_free_port(socket.SOCK_DGRAM)),
+            "RELAY_LOG__FORMAT": "json",
+            "RELAY_LOG__LEVEL": settings.log.level,
+        }
+    )
+    return env, http_port
+
+
+def _delivery(summary: stats.Summary) -> dict[str, Any]:
+    return {
+        "committed": summary.committed,
+        "rolled_back": summary.rolled_back,
+        "received": summary.received,
+        "lost": summary.lost,
+        "rolled_back_delivered": summary.leaked,
+        "duplicates": summary.duplicates,
+        "order_violations": summary.order_violations,
+        "foreign": summary.foreign,
+    }
+
+
+class Bench:
+    """One ``relay bench`` run: fresh database and topics, the relay as a child process."""
+
+    def __init__(self, settings: config.Settings, args: argparse.Namespace) -> None:
+        self.args = args
+        self.run_id = uuid.uuid4().hex[:8]
+        self.database = f"outbox_bench_{self.run_id}"
+        self.settings = loadgen.with_database(settings, self.database)
+        self.topics: list[str] = []
+        self.report: dict[str, Any] = {
+            "version": __version__,
+            "mode": args.mode,
+            "run_id": self.run_id,
+            "config": {
+                "rate": args.rate,
+                "duration_s": args.duration,
+                "rows": args.rows,
+                "retained_published": args.retained_published,
+                "aggregates": args.aggregates,
+                "writers": args.writers,
+                "event_bytes": args.event_bytes,
+                "partitions": args.partitions,
+                "relay_workers": settings.worker.count,
+                "batch_size": settings.worker.batch_size,
+                "linger_s": settings.kafka.linger_s,
+                "max_batch_bytes": settings.kafka.max_batch_bytes,
+                "compression": settings.kafka.compression,
+            },
+            "machine": machine(),
+        }
+
+    def _workload(self) -> loadgen.Workload:
+        return loadgen.Workload(aggregates=self.args.aggregates, event_bytes=self.args.event_bytes)
+
+    async def _topic(self, kind: str) -> str:
+        topic = f"bench.{self.run_id}.{kind}"
+        await loadgen.create_topic(self.settings, topic, self.args.partitions)
+        self.topics.append(topic)
+        return topic
+
+    async def run(self) -> bool:
+        mode = self.args.mode
+        ok = True
+        await loadgen.create_database(self.settings, self.database, exist_ok=False)
+        try:
+            await loadgen.prepare_database(self.settings, self.args.aggregates)
+            if self.args.retained_published:
+                rate = await loadgen.preload_published(
+                    self.settings, self._workload(), self.args.retained_published
+                )
+                self.report["retained_preload_rows_per_s"] = rate
+            if mode in ("raw", "all"):
+                self.report["raw"] = await self.raw()
+            if mode in ("drain", "all"):
+                ok = await self.drain() and ok
+            if mode == "rate":
+                ok = await self.rate()
+            if mode == "all":
+                self.report["drain_to_raw_ratio"] = (
+                    self.report["drain"]["msg_per_s"] / self.report["raw"]["msg_per_s"]
+                )
+        finally:
+            if not self.args.keep:
+                with contextlib.suppress(Exception):
+                    await loadgen.drop_database(self.settings, self.database)
+                with contextlib.suppress(Exception):
+                    await loadgen.delete_topics(self.settings, self.topics)
+        self.report["ok"] = ok
+        return ok
+
+    async def raw(self) -> dict[str, Any]:
+        topic = await self._topic("raw")
+        messages = self.args.rows
+        log.info("bench_raw", messages=messages, topic=topic)
+        return await loadgen.produce_raw(self.settings, topic, self._workload(), messages)
+
+    async def _start(self, topic: str) -> tuple[RelayProcess, str]:
+        env, http_port = _relay_env(self.settings, self.database, topic)
+        relay = RelayProcess(env, http_port, self.args.relay_log)
+        await relay.start()
+        log.info("bench_relay_started", pid=relay.pid, http_port=http_port)
+        return relay, env["RELAY_WAKEUP__PORT"]
+
+    async def _idle(self, relay: RelayProcess) -> float:
+        """Relay CPU in % of one core over a quiet period."""
+        await asyncio.sleep(1.0)
+        cpu0, t0 = relay.cpu_s(), time.monotonic()
+        await asyncio.sleep(self.args.idle_seconds)
+        return 100.0 * (relay.cpu_s() - cpu0) / (time.monotonic() - t0)
+
+    async def rate(self) -> bool:
+        topic = await self._topic("rate")
+        workload, tracker = self._workload(), stats.Tracker()
+        consumer = loadgen.ServiceB(self.settings, topic, self.args.partitions, workload, tracker)
+        await consumer.start()
+        consumer_stop, writers_stop = asyncio.Event(), asyncio.Event()
+        consumer_task = asyncio.create_task(consumer.run(consumer_stop), name="service-b")
+        relay, wakeup_port = await self._start(topic)
+        try:
+            idle = await self._idle(relay)
+            window = Window(relay)
+            await window.open()
+            service_a = loadgen.ServiceA(
+                self.settings,
+                workload,
+                tracker,
+                rate=self.args.rate,
+                writers=self.args.writers,
+                notify_to=f"127.0.0.1:{wakeup_port}",
+            )
+            log.info("bench_rate", rate=self.args.rate, duration_s=self.args.duration)
+            writing = asyncio.create_task(service_a.run(writers_stop), name="service-a")
+            await asyncio.sleep(self.args.duration)
+            writers_stop.set()
+            await writing
+            load_s = time.monotonic() - window.t0
+            drained = await _wait_drained(tracker, DRAIN_WAIT_S)
+            measured = await window.close()
+        finally:
+            writers_stop.set()
+            consumer_stop.set()
+            relay_code = await relay.stop()
+            await asyncio.gather(consumer_task, return_exceptions=True)
+        summary = tracker.summary()
+        samples = relay.rss_samples
+        self.report["rate"] = {
+            "target_msg_per_s": self.args.rate,
+            "achieved_msg_per_s": summary.committed / load_s,
+            "received_msg_per_s": summary.received / measured["seconds"],
+            "load_seconds": load_s,
+            "transactions": service_a.transactions,
+            "rolled_back_transactions": service_a.rollbacks,
+            "writer_errors": service_a.errors,
+            "skipped_ticks": service_a.skipped,
+            "drained": drained,
+            "latency_from_tx_start_ms": summary.latency_from_start_ms,
+            "latency_from_commit_ms": summary.latency_from_commit_ms,
+            **_delivery(summary),
+            "order_violation_examples": tracker.violation_examples,
+            "relay": {
+                "exit_code": relay_code,
+                "idle_cpu_percent": idle,
+                "rss_mb_series": _downsample(samples, 5.0),
+                **measured,
+            },
+        }
+        return summary.ok and drained and relay_code == 0
+
+    async def drain(self) -> bool:
+        topic = await self._topic("drain")
+        workload, tracker = self._workload(), stats.Tracker()
+        rows = self.args.rows
+        log.info("bench_preload", rows=rows)
+        preload_rate = await loadgen.preload_new(self.settings, workload, tracker, rows)
+        consumer = loadgen.ServiceB(self.settings, topic, self.args.partitions, workload, tracker)
+        await consumer.start()
+        consumer_stop = asyncio.Event()
+        consumer_task = asyncio.create_task(consumer.run(consumer_stop), name="service-b")
+        relay, _ = await self._start(topic)
+        try:
+            window = Window(relay)
+            await window.open()
+            start_published = stats.parse_counter(window.metrics0, PUBLISHED_METRIC)
+            log.info("bench_drain", rows=rows, already_published=start_published)
+            deadline = time.monotonic() + self.args.drain_timeout
+            while time.monotonic() < deadline:
+                text = await relay.metrics()
+                if stats.parse_counter(text, PUBLISHED_METRIC) >= rows:
+                    break
+                await asyncio.sleep(0.1)
+            published_s = time.monotonic() - window.t0
+            measured = await window.close()
+            drained = await _wait_drained(tracker, DRAIN_WAIT_S)
+            received_s = consumer.last_receipt - window.t0
+            idle = await self._idle(relay)
+        finally:
+            consumer_stop.set()
+            relay_code = await relay.stop()
+            await asyncio.gather(consumer_task, return_exceptions=True)
+        summary = tracker.summary()
+        counted = rows - start_published
+        self.report["drain"] = {
+            "rows": rows,
+            "preload_rows_per_s": preload_rate,
+            "published_before_window": start_published,
+            "seconds": published_s,
+            "msg_per_s": (measured["published"] if counted > measured["published"] else counted)
+            / published_s,
+            "all_received_seconds": received_s,
+            "drained": drained,
+            **_delivery(summary),
+            "order_violation_examples": tracker.violation_examples,
+            "relay": {"exit_code": relay_code, "idle_cpu_percent": idle, **measured},
+        }
+        return summary.ok and drained and relay_code == 0
+
+
+def _downsample(samples: list[tuple[float, int]], every_s: float) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for t, rss in samples:
+        if not out or t - out[-1][0] >= every_s:
+            out.append((round(t, 1), round(rss / 2**20, 1)))
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:,.2f}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human table: one ``section / figure / value`` row per figure."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(section: str, prefix: str, doc: dict[str, Any]) -> None:
+        for key, value in doc.items():
+            if key in ("rss_mb_series", "order_violation_examples"):
+                continue
+            if isinstance(value, dict):
+                walk(section, f"{prefix}{key}.", value)
+            else:
+                rows.append((section, f"{prefix}{key}", _fmt(value)))
+
+    for section in ("raw", "drain", "rate"):
+        if section in report:
+            walk(section, "", report[section])
+    rows.extend(
+        ("run", key, _fmt(report[key]))
+        for key in ("drain_to_raw_ratio", "retained_preload_rows_per_s", "ok")
+        if key in report
+    )
+    width = max(len(r[1]) for r in rows) if rows else 10
+    lines = [f"relay bench {report['mode']} (run {report['run_id']})"]
+    lines += [f"{s:<6} {k:<{width}} {v:>16}" for s, k, v in rows]
+    return "\n".join(lines)
+
+
+async def main(settings: config.Settings, args: argparse.Namespace) -> int:
+    if args.json:  # stdout carries the JSON object alone: logs go to stderr
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
+    bench = Bench(settings, args)
+    ok = await bench.run()
+    text = orjson.dumps(bench.report, option=orjson.OPT_INDENT_2).decode()
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+    print(text if args.json else render(bench.report), flush=True)
+    return 0 if ok else 1

@@ -1,0 +1,168 @@
+"""The load tool's bookkeeping: percentiles, loss, duplicates, order, rolled-back ids."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from relay import stats
+
+PREFIX = "0123abcd-0000-4000-8000"
+
+
+def test_message_id_round_trip() -> None:
+    mid = stats.message_id(PREFIX, 0x1F)
+    assert len(mid) == 36
+    assert stats.parse_message_id(PREFIX, mid) == 0x1F
+    assert stats.parse_message_id("ffffffff-0000-4000-8000", mid) is None
+    assert stats.parse_message_id(PREFIX, "not-a-message-id") is None
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert stats.percentile(values, 50) == 50.0
+    assert stats.percentile(values, 99) == 99.0
+    assert stats.percentile(values, 99.9) == 100.0
+    assert stats.percentile(values, 0) == 1.0
+    assert math.isnan(stats.percentile([], 50))
+
+
+def test_summarize_has_every_figure() -> None:
+    out = stats.summarize([3.0, 1.0, 2.0])
+    assert out["p50"] == 2.0
+    assert out["max"] == 3.0
+    assert out["count"] == 3.0
+    assert set(out) == {"p50", "p95", "p99", "p99.9", "max", "count"}
+
+
+def test_log_histogram_is_within_precision() -> None:
+    hist = stats.LogHistogram(precision=0.01)
+    for v in range(1, 1001):
+        hist.record(float(v))
+    assert hist.count == 1000
+    assert hist.max == 1000.0
+    assert hist.percentile(50) == pytest.approx(500.0, rel=0.02)
+    assert hist.percentile(99) == pytest.approx(990.0, rel=0.02)
+    assert hist.percentile(100) == 1000.0
+
+
+def test_clean_run_has_latencies_and_no_loss() -> None:
+    t = stats.Tracker()
+    t.committed(0, aggregate=1, sequence=1, t_start=10.0, t_commit=10.010)
+    t.committed(1, aggregate=1, sequence=2, t_start=10.0, t_commit=10.010)
+    assert t.in_flight == 2
+    t.received(0, 10.020)
+    t.received(1, 10.030)
+    s = t.summary()
+    assert (s.committed, s.received, s.lost, s.duplicates, s.order_violations) == (2, 2, 0, 0, 0)
+    assert s.ok
+    assert s.latency_from_commit_ms["max"] == pytest.approx(20.0)
+    assert s.latency_from_start_ms["p50"] == pytest.approx(20.0)
+
+
+def test_missing_message_is_lost() -> None:
+    t = stats.Tracker()
+    t.committed(0, 1, 1, 0.0, 1.0)
+    t.committed(1, 1, 2, 0.0, 1.0)
+    t.received(0, 2.0)
+    s = t.summary()
+    assert s.lost == 1
+    assert not s.ok
+    assert t.overdue(now=40.0, after_s=30.0) == 1
+    assert t.overdue(now=20.0, after_s=30.0) == 0
+
+
+def test_duplicate_is_counted_not_order_checked() -> None:
+    t = stats.Tracker()
+    for i in range(3):
+        t.committed(i, 7, i + 1, 0.0, 0.0)
+    t.received(0, 1.0)
+    t.received(1, 1.0)
+    t.received(0, 1.0)  # redelivery of an older event: a duplicate, not a violation
+    t.received(2, 1.0)
+    s = t.summary()
+    assert (s.duplicates, s.order_violations, s.lost) == (1, 0, 0)
+
+
+def test_order_violation_per_aggregate() -> None:
+    t = stats.Tracker()
+    t.committed(0, 1, 1, 0.0, 0.0)
+    t.committed(1, 1, 2, 0.0, 0.0)
+    t.committed(2, 2, 1, 0.0, 0.0)  # another aggregate: its own sequence
+    t.received(1, 1.0)
+    t.received(2, 1.0)
+    t.received(0, 1.0)
+    s = t.summary()
+    assert s.order_violations == 1
+    assert t.violation_examples == [(1, 2, 1, 0)]
+    assert not s.ok
+
+
+def test_rolled_back_delivery_is_a_leak_either_way_round() -> None:
+    t = stats.Tracker()
+    t.rolled_back(0)
+    t.received(0, 1.0)
+    t.received(1, 1.0)  # received before Service A reported the rollback
+    t.rolled_back(1)
+    s = t.summary()
+    assert s.leaked == 2
+    assert s.rolled_back == 2
+    assert s.received == 0
+    assert not s.ok
+
+
+def test_foreign_messages_are_ignored() -> None:
+    t = stats.Tracker()
+    t.received(None, 1.0)
+    s = t.summary()
+    assert s.foreign == 1
+    assert s.ok
+
+
+def test_preloaded_rows_have_no_latency() -> None:
+    t = stats.Tracker()
+    t.committed(0, 1, 1, math.nan, math.nan)
+    t.received(0, 5.0)
+    s = t.summary()
+    assert s.lost == 0
+    assert s.latency_from_commit_ms["count"] == 0.0
+
+
+def test_window_is_taken_sorted_and_reset() -> None:
+    t = stats.Tracker()
+    for i, latency in enumerate((0.030, 0.010, 0.020)):
+        t.committed(i, i, 1, 0.0, 0.0)
+        t.received(i, latency)
+    assert t.take_window() == pytest.approx([10.0, 20.0, 30.0])
+    assert t.take_window() == []
+
+
+METRICS = """\
+# HELP outbox_relay_claim_duration_seconds Time to lock shards and claim a batch of rows.
+# TYPE outbox_relay_claim_duration_seconds histogram
+outbox_relay_claim_duration_seconds_bucket{le="0.001"} 10.0
+outbox_relay_claim_duration_seconds_bucket{le="0.005"} 90.0
+outbox_relay_claim_duration_seconds_bucket{le="0.01"} 100.0
+outbox_relay_claim_duration_seconds_bucket{le="+Inf"} 100.0
+outbox_relay_claim_duration_seconds_count 100.0
+outbox_relay_claim_duration_seconds_sum 0.3
+outbox_relay_published_total 1234.0
+"""
+
+
+def test_parse_histogram_and_quantile() -> None:
+    buckets, total = stats.parse_histogram(METRICS, "outbox_relay_claim_duration_seconds")
+    assert buckets[-1] == (math.inf, 100.0)
+    assert total == pytest.approx(0.3)
+    assert stats.histogram_quantile(buckets, 0.5) == pytest.approx(0.001 + 0.004 * 40 / 80)
+    assert stats.histogram_quantile(buckets, 0.99) == pytest.approx(0.005 + 0.005 * 9 / 10)
+    assert math.isnan(stats.histogram_quantile([], 0.99))
+
+
+def test_bucket_delta_and_counter() -> None:
+    after, _ = stats.parse_histogram(METRICS, "outbox_relay_claim_duration_seconds")
+    before = [(0.001, 5.0), (0.005, 5.0), (0.01, 5.0), (math.inf, 5.0)]
+    assert stats.bucket_delta(after, before)[1] == (0.005, 85.0)
+    assert stats.parse_counter(METRICS, "outbox_relay_published") == 1234.0
+    assert math.isnan(stats.parse_counter(METRICS, "outbox_relay_missing"))
