@@ -1,0 +1,176 @@
+"""Poison rows against the real Kafka: marked failed with a reason, counted, dead-lettered,
+replayable; the other aggregates' rows are published all the same."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from integration import helpers
+from servers import Kafka, MariaDB
+
+from relay import config, db, pacing, publisher, store, worker
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def running(settings: config.Settings) -> AsyncIterator[worker.Worker]:
+    pub = publisher.Publisher(settings)
+    await pub.start()
+    stop = asyncio.Event()
+    waker = pacing.Waker()
+    w = worker.Worker("worker-poison", settings, pub, stop, waker)
+    task = asyncio.create_task(w.run())
+    try:
+        yield w
+        assert not task.done()
+    finally:
+        stop.set()
+        waker.notify_all()
+        async with asyncio.timeout(30):
+            await task
+        await pub.stop()
+
+
+async def _raw_insert(settings: config.Settings, aggregate_id: str, **columns: object) -> None:
+    names = ["message_id", "aggregate_type", "aggregate_id", "event_type", *columns]
+    values = [helpers.event(aggregate_id).message_id, "order", aggregate_id, "E", *columns.values()]
+    marks = ", ".join(["%s"] * len(values))
+    await helpers.sql(settings, f"INSERT INTO outbox ({', '.join(names)}) VALUES ({marks})", values)
+
+
+@pytest.mark.parametrize("batch_size", [1, 500], ids=["alone", "shared-batch"])
+async def test_broker_rejects_too_large_record(
+    mariadb: MariaDB, kafka: Kafka, database: str, batch_size: int
+) -> None:
+    """The topic takes at most 2048 bytes per batch: only the big row may fail, never the small
+    rows the producer happened to batch with it."""
+    async with (
+        helpers.fresh_topic(kafka, partitions=1, configs={"max.message.bytes": "2048"}) as topic,
+        helpers.fresh_topic(kafka, partitions=1) as dead_letters,
+    ):
+        settings = helpers.make_settings(
+            mariadb,
+            database,
+            kafka.bootstrap,
+            outbox={"topic_template": topic, "dead_letter_topic": dead_letters},
+            worker={"batch_size": batch_size},
+        )
+        await helpers.migrate(settings)
+        # incompressible, far above the topic's 2048 bytes, far below the relay's own limit
+        blob = base64.b64encode(os.urandom(8000)).decode()
+        before = helpers.metric("outbox_relay_failed_total", reason="too_large")
+        dead_before = helpers.metric("outbox_relay_dead_lettered_total")
+        small = [helpers.event(f"small-{i}", i) for i in range(10)]
+        big = helpers.event("big", after={"blob": blob})
+        # one commit: the big record shares a batch (and the only partition) with small ones
+        ids = await helpers.write(settings, *small[:5], big, *small[5:])
+        async with running(settings) as w:
+            expected = dict.fromkeys(ids, "published")
+            expected[big.message_id] = "failed"
+            await helpers.wait_for_statuses(settings, expected)
+            assert w.failed == 1
+        rows = await helpers.rows_by_message_id(settings)
+        assert rows[big.message_id]["last_error"].startswith("too_large: ")
+        assert helpers.metric("outbox_relay_failed_total", reason="too_large") == before + 1
+        published = {m.message_id for m in small}
+        messages = await helpers.consume(kafka, topic, helpers.has_ids(published))
+        assert {m.message_id for m in messages} == published
+        # a copy of the failed row's description on the dead-letter topic
+        dead = await helpers.consume(kafka, dead_letters, helpers.has_ids({big.message_id}))
+        assert len(dead) == 1
+        doc = orjson.loads(dead[0].value)
+        assert doc["message_id"] == big.message_id
+        assert doc["reason"] == "too_large"
+        assert dead[0].headers["reason"] == b"too_large"
+        assert dead[0].key == b"big"
+        assert helpers.metric("outbox_relay_dead_lettered_total") == dead_before + 1
+
+
+@pytest.mark.parametrize(
+    "case",
+    [("[1, 2]", "JSON object"), ('{"a": 1}', "'a' must be a string"), ('"x"', "JSON object")],
+    ids=["array", "number-value", "string"],
+)
+async def test_invalid_headers_fail_the_row_only(
+    mariadb: MariaDB, kafka: Kafka, database: str, topic: str, case: tuple[str, str]
+) -> None:
+    headers, detail = case
+    settings = helpers.make_settings(
+        mariadb, database, kafka.bootstrap, outbox={"topic_template": topic}
+    )
+    await helpers.migrate(settings)
+    before = helpers.metric("outbox_relay_failed_total", reason="bad_headers")
+    good = await helpers.write(settings, *(helpers.event(f"g-{i}") for i in range(5)))
+    await _raw_insert(settings, "poison", headers=headers)
+    good += await helpers.write(settings, helpers.event("poison", 1))  # same aggregate, later
+    async with running(settings):
+        await helpers.wait_for_statuses(settings, dict.fromkeys(good, "published"))
+    rows = await helpers.rows_by_message_id(settings)
+    (bad,) = [r for r in rows.values() if r["status"] == "failed"]
+    assert bad["last_error"].startswith("bad_headers: ")
+    assert detail in bad["last_error"]
+    assert helpers.metric("outbox_relay_failed_total", reason="bad_headers") == before + 1
+    messages = await helpers.consume(kafka, topic, helpers.has_ids(set(good)))
+    assert {m.message_id for m in messages} == set(good)
+
+
+async def test_unknown_and_invalid_topics_then_replay(
+    mariadb: MariaDB, kafka: Kafka, database: str, topic: str
+) -> None:
+    settings = helpers.make_settings(
+        mariadb, database, kafka.bootstrap, outbox={"topic_template": topic}
+    )
+    await helpers.migrate(settings)
+    unknown_before = helpers.metric("outbox_relay_failed_total", reason="unknown_topic")
+    invalid_before = helpers.metric("outbox_relay_failed_total", reason="invalid_topic")
+    async with helpers.fresh_topic(kafka) as later:
+        pass  # created and deleted: a name that surely does not exist now
+    missing = helpers.event("m", topic=later)
+    invalid = helpers.event("i", topic="not a topic")
+    good = helpers.event("g")
+    await helpers.write(settings, missing, invalid, good)
+    async with running(settings):
+        await helpers.wait_for_statuses(
+            settings,
+            {
+                missing.message_id: "failed",
+                invalid.message_id: "failed",
+                good.message_id: "published",
+            },
+        )
+    rows = await helpers.rows_by_message_id(settings)
+    assert rows[missing.message_id]["last_error"].startswith("unknown_topic: ")
+    assert rows[invalid.message_id]["last_error"].startswith("invalid_topic: ")
+    assert helpers.metric("outbox_relay_failed_total", reason="unknown_topic") == unknown_before + 1
+    assert helpers.metric("outbox_relay_failed_total", reason="invalid_topic") == invalid_before + 1
+
+    # the operator creates the topic and replays that row (what `relay replay --id` does)
+    async with helpers.fresh_topic(kafka) as created:
+        await helpers.sql(
+            settings,
+            "UPDATE outbox SET topic = %s WHERE message_id = %s",
+            [created, missing.message_id],
+        )
+        conn = await db.connect(settings, autocommit=False)
+        try:
+            changed = await store.Store("outbox").replay(conn, [rows[missing.message_id]["id"]], 10)
+        finally:
+            db.close(conn)
+        assert changed == 1
+        rows = await helpers.rows_by_message_id(settings)
+        assert rows[missing.message_id]["status"] == "new"
+        assert rows[missing.message_id]["last_error"] is None
+        assert rows[invalid.message_id]["status"] == "failed"  # not replayed
+        async with running(settings):
+            await helpers.wait_for_statuses(settings, {missing.message_id: "published"})
+        messages = await helpers.consume(kafka, created, helpers.has_ids({missing.message_id}))
+        assert [m.message_id for m in messages] == [missing.message_id]
+    rows = await helpers.rows_by_message_id(settings)
+    assert rows[missing.message_id]["attempts"] == 2
