@@ -1,0 +1,177 @@
+"""The `relay` command against the real servers: schema, migrate, check, replay."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pymysql
+import pytest
+from integration import helpers
+from servers import REPO_ROOT, Kafka, MariaDB
+
+pytestmark = pytest.mark.integration
+
+
+def relay_env(mariadb: MariaDB, database: str, bootstrap: str, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
+    env.update(
+        RELAY_SECRETS_DIR=str(tmp_path / "no-secrets"),
+        RELAY_DB__HOST=mariadb.host,
+        RELAY_DB__PORT=str(mariadb.port),
+        RELAY_DB__USER=mariadb.user,
+        RELAY_DB__PASSWORD=mariadb.password,
+        RELAY_DB__NAME=database,
+        RELAY_KAFKA__BOOTSTRAP_SERVERS=bootstrap,
+        RELAY_KAFKA__REQUEST_TIMEOUT_S="5",
+        RELAY_LOG__FORMAT="json",
+    )
+    return env
+
+
+def relay(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 - our own CLI with fixed arguments
+        [sys.executable, "-m", "relay", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_schema_prints_runnable_create_tables(
+    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
+) -> None:
+    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
+    env["RELAY_OUTBOX__TABLE"] = "events"
+    proc = relay(["schema"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert "CREATE TABLE IF NOT EXISTS `events` (" in proc.stdout
+    assert "CREATE TABLE IF NOT EXISTS `events_shard` (" in proc.stdout
+    # the printed script is what a DBA would run: it creates the schema
+    conn = mariadb.connect(database)
+    try:
+        with conn.cursor() as cur:
+            for statement in proc.stdout.split(";\n"):
+                if statement.strip() and not all(
+                    line.startswith("--") for line in statement.strip().splitlines()
+                ):
+                    cur.execute(statement)
+            cur.execute("SELECT COUNT(*) FROM events_shard")
+            assert cur.fetchone() == (64,)
+            cur.execute("SHOW TABLES")
+            assert {r[0] for r in cur.fetchall()} == {"events", "events_shard"}
+    finally:
+        conn.close()
+
+
+def test_migrate_then_check(
+    mariadb: MariaDB, kafka: Kafka, database: str, topic: str, tmp_path: Path
+) -> None:
+    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
+    env["RELAY_OUTBOX__TOPIC_TEMPLATE"] = topic
+    for _ in range(2):  # idempotent
+        proc = relay(["migrate"], env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"schema applied: {database}.outbox" in proc.stdout
+    # a new row routed to the fixture topic: the check looks that topic up
+    conn = mariadb.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type)"
+                " VALUES (UUID(), 'order', '1', 'E')"
+            )
+    finally:
+        conn.close()
+    proc = relay(["check"], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    for name in ("database", "schema", "grants", "kafka", "topics"):
+        assert any(line.startswith(f"ok   {name}:") for line in lines), (name, proc.stdout)
+    assert not any(line.startswith("FAIL") for line in lines)
+    # the check's grant test rolled back: the row is still new
+    conn = mariadb.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT status FROM outbox")
+            assert cur.fetchall() == (("new",),)
+    finally:
+        conn.close()
+
+
+def test_check_fails_on_a_missing_topic(
+    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
+) -> None:
+    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
+    env["RELAY_OUTBOX__TOPIC_TEMPLATE"] = "missing.{aggregate_type}"
+    assert relay(["migrate"], env).returncode == 0
+    conn = mariadb.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type)"
+                " VALUES (UUID(), 'nowhere', '1', 'E')"
+            )
+    finally:
+        conn.close()
+    proc = relay(["check"], env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL topics: missing topics ['missing.nowhere']" in proc.stdout
+
+
+def test_check_fails_when_table_missing(
+    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
+) -> None:
+    proc = relay(["check"], relay_env(mariadb, database, kafka.bootstrap, tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL schema: table 'outbox' missing: run `relay migrate`" in proc.stdout
+
+
+def test_check_fails_when_database_unreachable(
+    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
+) -> None:
+    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
+    env["RELAY_DB__PORT"] = str(helpers.closed_port())
+    env["RELAY_DB__CONNECT_TIMEOUT_S"] = "2"
+    proc = relay(["check"], env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL database: cannot connect" in proc.stdout
+
+
+def test_replay_puts_failed_rows_back(
+    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
+) -> None:
+    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
+    assert relay(["migrate"], env).returncode == 0
+    conn = mariadb.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type,"
+                " status, last_error) SELECT UUID(), 'order', seq, 'E', 'failed', 'too_large: x'"
+                " FROM seq_1_to_4"
+            )
+            cur.execute("SELECT id FROM outbox ORDER BY id")
+            ids = [int(r[0]) for r in cur.fetchall()]
+        proc = relay(["replay", "--id", str(ids[0]), "--id", str(ids[2])], env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "rows put back to new: 2" in proc.stdout
+        statuses = _statuses(conn)
+        assert statuses == [("new", None), ("failed", "too_large: x")] * 2
+        proc = relay(["replay"], env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "rows put back to new: 2" in proc.stdout
+        assert _statuses(conn) == [("new", None)] * 4
+    finally:
+        conn.close()
+
+
+def _statuses(conn: pymysql.Connection) -> list[tuple[str, str | None]]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT status, last_error FROM outbox ORDER BY id")
+        return [(str(s), e) for s, e in cur.fetchall()]
