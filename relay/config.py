@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal
 import pydantic
 import pydantic_settings
 
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,57}$")
+# MySQL allows 64 characters; the shard table adds "_shard" to the outbox table's name.
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,57}$")
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 TOPIC_FIELDS = ("aggregate_type", "event_type", "source_table")
 
@@ -69,7 +71,7 @@ class OutboxSettings(pydantic.BaseModel):
     @pydantic.field_validator("table")
     @classmethod
     def _identifier(cls, value: str) -> str:
-        if not IDENTIFIER.match(value):
+        if not TABLE_NAME.match(value):
             raise ValueError("must be a plain SQL identifier: letters, digits, _ (max 58)")
         return value
 
@@ -85,7 +87,7 @@ class OutboxSettings(pydantic.BaseModel):
     @pydantic.field_validator("dead_letter_topic")
     @classmethod
     def _topic(cls, value: str | None) -> str | None:
-        if value is not None and not TOPIC_NAME.match(value):
+        if value is not None and (not TOPIC_NAME.match(value) or value in {".", ".."}):
             raise ValueError("not a valid Kafka topic name")
         return value
 
@@ -127,7 +129,7 @@ class HttpSettings(pydantic.BaseModel):
     host: str = "0.0.0.0"  # noqa: S104 - a daemon's probe port listens on the pod IP
     port: ListenPort = 9108
     backlog_sample_interval_s: PositiveFloat = 5.0
-    backlog_count_cap: Annotated[int, pydantic.Field(ge=1)] = 1000000
+    backlog_count_cap: Annotated[int, pydantic.Field(ge=1)] = 100000
     liveness_stale_s: PositiveFloat = 30.0
 
 
@@ -194,6 +196,11 @@ def load(**overrides: Any) -> Settings:
         return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
     except pydantic.ValidationError as exc:
         raise ConfigError(describe(exc)) from None
+    except pydantic_settings.SettingsError as exc:
+        # a whole group given as JSON that does not parse; the message names the field only
+        match = re.search(r'field "([^"]+)"', str(exc))
+        name = match.group(1).upper() if match else "?"
+        raise ConfigError(f"invalid configuration: RELAY_{name}: not valid JSON") from None
 
 
 def describe(exc: pydantic.ValidationError) -> str:

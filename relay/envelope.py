@@ -78,7 +78,7 @@ class Formatter:
             event_type=row.event_type,
             source_table=row.source_table or "",
         )
-        if not _TOPIC.match(topic):
+        if not _TOPIC.match(topic) or topic in {".", ".."}:
             raise PoisonRowError("invalid_topic", f"invalid Kafka topic name {topic!r}")
         return topic
 

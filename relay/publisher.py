@@ -21,6 +21,17 @@ from relay import config, envelope
 
 log = structlog.get_logger(__name__)
 
+# The broker rejected a whole produce batch as too large: some record in it is, maybe not all.
+TOO_LARGE_ERRORS = (aiokafka.errors.MessageSizeTooLargeError, aiokafka.errors.RecordTooLargeError)
+# After these the idempotent producer's sequence numbers no longer match the broker's: every
+# later send to the partition would fail. The producer is replaced (a new producer id).
+RESET_ERRORS = (
+    *TOO_LARGE_ERRORS,
+    aiokafka.errors.OutOfOrderSequenceNumber,
+    aiokafka.errors.UnknownProducerId,
+    aiokafka.errors.InvalidProducerEpoch,
+    aiokafka.errors.ProducerFenced,
+)
 # Broker or client verdicts that no retry can change for this record.
 POISON_ERRORS: dict[type[BaseException], str] = {
     aiokafka.errors.MessageSizeTooLargeError: "too_large",
@@ -72,19 +83,34 @@ class Publisher:
         self._settings = settings
         self._producer: aiokafka.AIOKafkaProducer | None = None
         self._dead_letter_topic = settings.outbox.dead_letter_topic
+        self._reset_lock = asyncio.Lock()
+        self.resets = 0
 
     @property
     def started(self) -> bool:
         return self._producer is not None
 
     async def start(self) -> None:
+        self._producer = await self._new_producer()
+
+    async def _new_producer(self) -> aiokafka.AIOKafkaProducer:
         producer = aiokafka.AIOKafkaProducer(**producer_options(self._settings.kafka))
         try:
             await producer.start()
         except BaseException:
             await producer.stop()
             raise
-        self._producer = producer
+        return producer
+
+    async def reset(self, broken: aiokafka.AIOKafkaProducer) -> None:
+        """Replace ``broken`` by a new producer, once, however many workers ask."""
+        async with self._reset_lock:
+            if id(self._producer) != id(broken):
+                return  # already replaced (or stopped)
+            log.warning("producer_reset")
+            self._producer = await self._new_producer()
+            self.resets += 1
+        await broken.stop()
 
     async def stop(self) -> None:
         """Flush what is buffered and close."""
@@ -124,17 +150,40 @@ class Publisher:
                 future = await producer.send(
                     record.topic, record.value, key=record.key, headers=record.headers
                 )
-            except aiokafka.errors.KafkaError as exc:
+            except aiokafka.errors.KafkaError as exc:  # refused by the client: this record alone
                 self._sort(outcome, record, exc)
             else:
                 pending.append((record, future))
         results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        suspects: list[envelope.Record] = []
+        reset = False
         for (record, _), result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
+            if isinstance(result, TOO_LARGE_ERRORS):
+                suspects.append(record)  # its produce batch was refused; maybe not for it
+            elif isinstance(result, BaseException):
                 self._sort(outcome, record, result)
             else:
                 outcome.acked.append(record)
+            reset = reset or isinstance(result, RESET_ERRORS)
+        if reset:
+            await self.reset(producer)
+        for record in suspects:
+            await self._send_alone(record, outcome)
         return outcome
+
+    async def _send_alone(self, record: envelope.Record, outcome: Outcome) -> None:
+        """Retry a record of a refused batch on its own: refused again, it is the poison one."""
+        producer = self.producer
+        try:
+            await producer.send_and_wait(
+                record.topic, record.value, key=record.key, headers=record.headers
+            )
+        except aiokafka.errors.KafkaError as exc:
+            self._sort(outcome, record, exc)
+            if isinstance(exc, RESET_ERRORS):
+                await self.reset(producer)
+        else:
+            outcome.acked.append(record)
 
     @staticmethod
     def _sort(outcome: Outcome, record: envelope.Record, exc: BaseException) -> None:

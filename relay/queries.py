@@ -57,6 +57,12 @@ def _expanded(sql: str, key: str, length: int) -> str:
     return sql.replace(f"%({key})s", f"({names})")
 
 
+@functools.lru_cache(maxsize=256)
+def union_all(sql: str, key: str, count: int) -> str:
+    """``count`` copies of a parenthesised SELECT joined by UNION ALL, ``%(key)s`` numbered."""
+    return "\nUNION ALL\n".join(sql.replace(f"%({key})s", f"%({key}__{i})s") for i in range(count))
+
+
 def bind(sql: str, params: Mapping[str, object]) -> tuple[str, dict[str, object]]:
     """Expand list parameters (``IN %(ids)s``) into one placeholder per item.
 
@@ -76,6 +82,8 @@ def bind(sql: str, params: Mapping[str, object]) -> tuple[str, dict[str, object]
 
 @functools.cache
 def load(filename: str, table: str) -> Queries:
+    if not config.TABLE_NAME.match(table):
+        raise ValueError(f"not a plain SQL identifier of at most 58 characters: {table!r}")
     tables = {"{outbox}": quote(table), "{outbox_shard}": quote(f"{table}_shard")}
     statements = {}
     for name, text in _read(filename).items():

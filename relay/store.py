@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -102,8 +103,16 @@ class Store:
     async def claim_rows(
         self, conn: Connection, shards: Sequence[int], limit: int
     ) -> list[envelope.Row]:
-        rows = await self._rows(conn, "claim_rows", {"shards": tuple(shards), "limit": limit})
-        return [envelope.Row(*r) for r in rows]
+        """The oldest new rows of the owned ``shards``, each shard a prefix of its new rows, in
+        id order; about ``limit`` rows in all (the limit is shared out between the shards)."""
+        per_shard = -(-limit // len(shards))
+        sql = queries.union_all(self.sql["claim_shard_rows"], "shard", len(shards))
+        params: dict[str, object] = {f"shard__{i}": s for i, s in enumerate(shards)}
+        params["limit"] = per_shard
+        async with conn.cursor() as cur:
+            await cur.execute(sql, params)
+            rows = await cur.fetchall()
+        return sorted((envelope.Row(*r) for r in rows), key=operator.attrgetter("id"))
 
     async def mark_published(self, conn: Connection, ids: Sequence[int]) -> int:
         return await self._execute(conn, "mark_published", {"ids": tuple(ids)})

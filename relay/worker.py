@@ -130,6 +130,12 @@ class Worker:
         except asyncio.CancelledError:
             await finish  # published rows must be marked: let the commit land, then stop
             raise
+        if verdicts.transient:  # those rows stay new; back off before trying them again
+            raise PublishFailedError(
+                "kafka",
+                f"{len(verdicts.transient)} of {len(rows)} records not acknowledged: "
+                f"{verdicts.transient[0][1]}",
+            )
         return len(rows)
 
     async def _publish(self, rows: Sequence[envelope.Row]) -> Verdicts:
@@ -192,13 +198,6 @@ class Worker:
                 aggregate_type=row.aggregate_type,
                 reason=reason,
                 error=error,
-            )
-        if verdicts.transient:
-            metrics.batch_retries.labels("kafka").inc()
-            self._log.warning(
-                "records_not_acknowledged",
-                rows=len(verdicts.transient),
-                error=verdicts.transient[0][1],
             )
 
     async def _rollback(self) -> None:

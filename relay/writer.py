@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import decimal
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +33,7 @@ import orjson
 from relay import store, wakeup
 
 OPS = frozenset({"c", "u", "d", "r"})
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,8 +72,15 @@ class Event:
             "headers": _json(self.headers),
             "topic": self.topic,
             "source_table": self.source_table,
-            "event_ts": None if self.event_time is None else round(self.event_time.timestamp(), 6),
+            "event_ts": None if self.event_time is None else _epoch_seconds(self.event_time),
         }
+
+
+def _epoch_seconds(when: datetime.datetime) -> decimal.Decimal:
+    """Exact to the microsecond (a float would round some of them away)."""
+    delta = when - EPOCH
+    micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return decimal.Decimal(micros).scaleb(-6)
 
 
 def _json(value: Mapping[str, Any] | None) -> str | None:

@@ -33,25 +33,26 @@ ORDER BY shard
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
 
--- name: claim_rows
--- The oldest new rows of the owned shards, in (shard, id) order through ix_claim: each shard's
--- claimed rows are a prefix of its new rows, which is what keeps per-aggregate order.
--- SKIP LOCKED passes over rows of transactions still inserting (they are not committed yet).
-SELECT id, message_id, aggregate_type, aggregate_id, event_type, op, before_state, after_state,
-       payload, headers, topic, source_table,
-       CAST(UNIX_TIMESTAMP(event_time) * 1000000 AS SIGNED) AS event_us
-FROM {outbox}
-WHERE status = 'new' AND shard IN %(shards)s
-ORDER BY shard, id
-LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
+-- name: claim_shard_rows
+-- One owned shard's oldest new rows, in id order: a ref on ix_claim (status, shard) read in index
+-- order, so it touches exactly the rows it returns. No FOR UPDATE: the lock on the shard row
+-- already makes this worker the only claimer of the shard, and a READ COMMITTED read sees only
+-- committed rows (a writer's uncommitted insert is invisible, not waited for). The store repeats
+-- this block once per owned shard, joined with UNION ALL.
+(SELECT id, message_id, aggregate_type, aggregate_id, event_type, op, before_state, after_state,
+        payload, headers, topic, source_table,
+        CAST(UNIX_TIMESTAMP(event_time) * 1000000 AS SIGNED) AS event_us
+ FROM {outbox}
+ WHERE status = 'new' AND shard = %(shard)s
+ ORDER BY id
+ LIMIT %(limit)s)
 
 -- name: mark_published
 -- The whole published part of a batch in one statement.
 UPDATE {outbox}
 SET status = 'published', published_at = CURRENT_TIMESTAMP(6), attempts = attempts + 1,
     last_error = NULL
-WHERE id IN %(ids)s
+WHERE id IN %(ids)s AND status = 'new'
 
 -- name: mark_failed
 -- A poison row: it can never be published as it is; `relay replay` puts it back.

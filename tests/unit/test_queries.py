@@ -15,7 +15,7 @@ QUERY_NAMES = {
     "session_lock_wait",
     "ready_shards",
     "lock_shards",
-    "claim_rows",
+    "claim_shard_rows",
     "mark_published",
     "mark_failed",
     "note_attempt",
@@ -63,9 +63,9 @@ def test_statements_are_clean_single_statements() -> None:
 
 def test_table_names_are_quoted_and_substituted() -> None:
     q = queries.load("queries.sql", "events_v2")
-    assert "FROM `events_v2`" in q["claim_rows"]
+    assert "FROM `events_v2`" in q["claim_shard_rows"]
     assert "FROM `events_v2_shard`" in q["lock_shards"]
-    assert "`outbox`" not in q["claim_rows"]
+    assert "`outbox`" not in q["claim_shard_rows"]
     schema = queries.load("schema.sql", "events_v2")
     assert "CREATE TABLE IF NOT EXISTS `events_v2` (" in schema["create_outbox"]
     assert "CREATE TABLE IF NOT EXISTS `events_v2_shard` (" in schema["create_outbox_shard"]
@@ -73,8 +73,10 @@ def test_table_names_are_quoted_and_substituted() -> None:
 
 def test_parameters_of_claim_and_mark() -> None:
     q = queries.load("queries.sql", "outbox")
-    assert set(re.findall(r"%\((\w+)\)s", q["claim_rows"])) == {"shards", "limit"}
-    assert "FOR UPDATE SKIP LOCKED" in q["claim_rows"]
+    assert set(re.findall(r"%\((\w+)\)s", q["claim_shard_rows"])) == {"shard", "limit"}
+    # the shard lock makes the worker the only claimer: the row read must not lock (or walk)
+    # rows of other shards
+    assert "FOR UPDATE" not in q["claim_shard_rows"]
     assert "FOR UPDATE SKIP LOCKED" in q["lock_shards"]
     assert set(re.findall(r"%\((\w+)\)s", q["mark_published"])) == {"ids"}
     assert "status = 'published'" in q["delete_ids"]
@@ -138,7 +140,7 @@ def test_bind_rejects_empty_list() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["x`; DROP TABLE users; --", "outbox`", "out box", "1outbox", "", "db.outbox", "a" * 59],
+    ["x`; DROP TABLE users; --", "outbox`", "out box", "1outbox", "", "db.outbox", "a" * 65],
 )
 def test_table_name_injection_is_rejected(name: str) -> None:
     with pytest.raises(ValueError, match="identifier"):
@@ -154,3 +156,17 @@ def test_longest_table_name_leaves_room_for_shard_table() -> None:
     q = queries.load("queries.sql", name)
     assert f"`{name}_shard`" in q["lock_shards"]
     assert len(f"{name}_shard") <= 64  # MySQL's identifier limit
+
+
+def test_union_all_numbers_the_repeated_parameter() -> None:
+    block = "(SELECT id FROM t WHERE shard = %(shard)s LIMIT %(limit)s)"
+    sql = queries.union_all(block, "shard", 3)
+    assert sql.count("UNION ALL") == 2
+    assert re.findall(r"%\((\w+)\)s", sql) == [
+        "shard__0", "limit", "shard__1", "limit", "shard__2", "limit",
+    ]  # fmt: skip
+
+
+def test_table_name_leaving_no_room_for_the_shard_table_is_rejected() -> None:
+    with pytest.raises(ValueError, match="identifier"):
+        queries.load("queries.sql", "a" * 59)
