@@ -98,9 +98,10 @@ class WorkerSettings(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     count: Annotated[int, pydantic.Field(ge=1, le=64)] = 2
-    batch_size: Annotated[int, pydantic.Field(ge=1, le=10000)] = 500
+    batch_size: Annotated[int, pydantic.Field(ge=1, le=10000)] = 1000
     shards_per_claim: Annotated[int, pydantic.Field(ge=1, le=64)] = 16
     poll_interval_s: PositiveFloat = 0.1
+    claim_linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.005
     publish_timeout_s: PositiveFloat = 15.0
     backoff_initial_s: PositiveFloat = 0.1
     backoff_max_s: PositiveFloat = 5.0

@@ -34,11 +34,16 @@ async def sleep_unless(stop: asyncio.Event, delay_s: float) -> bool:
 
 
 class Waker:
-    """Wakes one waiting worker at a time; a wake-up with nobody waiting is kept for the next."""
+    """Wakes one waiting worker at a time; a wake-up with nobody waiting is kept for the next.
+
+    Only one waiter at a time (the poller) waits with a timeout; the others wait for a
+    notification, so an idle process polls the database once per interval, not once per worker.
+    """
 
     def __init__(self) -> None:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._pending = False
+        self._polling = False
 
     def notify(self) -> None:
         while self._waiters:
@@ -56,17 +61,24 @@ class Waker:
         self._pending = True
 
     async def wait(self, timeout_s: float) -> bool:
-        """Wait for a notification or ``timeout_s``. Returns True if notified."""
+        """Wait for a notification, or ``timeout_s`` if no other waiter is the poller.
+
+        Returns True if notified.
+        """
         if self._pending:
             self._pending = False
             return True
+        poller = not self._polling
+        self._polling = self._polling or poller
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout_s)
+            await asyncio.wait_for(waiter, timeout_s if poller else None)
         except TimeoutError:
             return False
         finally:
+            if poller:
+                self._polling = False
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
         return True

@@ -89,6 +89,13 @@ class Store:
         Shards are taken in shard order starting at ``ready[0]`` (the oldest head) and wrapping
         around, so every shard gets its turn whatever its number.
         """
+        if len(ready) <= limit:  # no choice to make: one statement
+            return [
+                r[0]
+                for r in await self._rows(
+                    conn, "lock_shards", {"shards": tuple(ready), "limit": limit}
+                )
+            ]
         start = ready[0]
         above = tuple(s for s in ready if s >= start)
         locked = [

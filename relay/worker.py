@@ -87,8 +87,14 @@ class Worker:
                     self._disconnect()
                 else:
                     backoff.reset()
-                    if claimed < self._worker.batch_size:
+                    if not claimed:
+                        # Idle: wait for a poll tick or a wake-up.
                         await self._waker.wait(self._worker.poll_interval_s)
+                    elif claimed < self._worker.batch_size:
+                        # Look again soon, whether nudged or not: rows may have been committed
+                        # meanwhile in shards another worker owned when this one looked. The
+                        # linger lets a few more rows gather, like the producer's linger.
+                        await pacing.sleep_unless(self._stop, self._worker.claim_linger_s)
                     continue
                 await pacing.sleep_unless(self._stop, backoff.next_delay_s())
         finally:
@@ -99,14 +105,15 @@ class Worker:
         if not self._publisher.started:
             raise PublishFailedError("kafka", "producer not connected yet")
         if self._conn is None:
-            self._conn = await db.connect(self._settings)
+            # autocommit off: the first statement opens the transaction (no BEGIN round trip)
+            self._conn = await db.connect(self._settings, autocommit=False)
         conn = self._conn
         started = time.perf_counter()
-        ready = await self._store.ready_shards(conn)
-        if not ready:
-            return 0
-        await conn.begin()
         try:
+            ready = await self._store.ready_shards(conn)
+            if not ready:
+                await conn.rollback()  # end the (read-only) transaction: hold no table locks
+                return 0
             shards = await self._store.lock_shards(conn, ready, self._worker.shards_per_claim)
             if len(shards) == self._worker.shards_per_claim and len(ready) > len(shards):
                 self._waker.notify()  # more shards have work than this worker took

@@ -55,7 +55,7 @@ def test_env_vars_with_prefix_and_nesting(monkeypatch: pytest.MonkeyPatch) -> No
     assert settings.log.level == "debug"
     # untouched siblings keep their defaults
     assert settings.db.user == "relay"
-    assert settings.worker.batch_size == 500
+    assert settings.worker.batch_size == 1000
 
 
 def test_env_var_without_prefix_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -130,3 +130,13 @@ async def test_notify_skips_a_cancelled_waiter() -> None:
     waker.notify()
     async with asyncio.timeout(5):
         assert await second is True
+
+
+async def test_only_one_waiter_polls_the_others_wait_for_a_wake_up() -> None:
+    waker = pacing.Waker()
+    first = asyncio.create_task(waker.wait(0.01))
+    second = asyncio.create_task(waker.wait(0.01))
+    assert await first is False  # the poller timed out
+    assert not second.done()  # the other one waits for a notification only
+    waker.notify()
+    assert await second is True
