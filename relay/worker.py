@@ -2,17 +2,18 @@
 
 One cycle is one READ COMMITTED transaction:
 
-1. find the shards that have new rows (outside the transaction, a loose index scan);
+1. find the shards that have new rows (64 index dives, whatever the table holds);
 2. lock up to ``shards_per_claim`` of them with ``FOR UPDATE SKIP LOCKED`` on the shard rows:
    while a worker holds a shard, no other worker in any process can publish its rows, so the
    events of one aggregate (always in the same shard) are published in outbox order;
-3. claim up to ``batch_size`` of their oldest new rows (``FOR UPDATE SKIP LOCKED``);
+3. read the oldest new rows of each owned shard (``batch_size`` shared out between them);
 4. publish them with the idempotent producer, bounded by ``publish_timeout_s``;
 5. mark the published rows in one statement, the poison rows failed, and commit.
 
 If publishing times out or Kafka fails, the transaction rolls back: the rows stay new and the
-worker backs off. Shutdown is an event: the cycle in flight ends normally; the mark-and-commit
-step is never interrupted by a cancellation.
+worker backs off. Pacing: after a claim the worker looks again after ``claim_linger_s``; when
+idle it waits for a wake-up or the poll interval. Shutdown is an event: the cycle in flight ends
+normally; the mark-and-commit step is never interrupted by a cancellation.
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ class Worker:
         self._waker = waker
         self._conn: db.Connection | None = None
         self._log = log.bind(worker=name)
-        self.heartbeat = time.monotonic()
         self.published = 0
         self.failed = 0
 
@@ -75,7 +75,6 @@ class Worker:
         backoff = pacing.Backoff(self._worker.backoff_initial_s, self._worker.backoff_max_s)
         try:
             while not self._stop.is_set():
-                self.heartbeat = time.monotonic()
                 try:
                     claimed = await self.cycle()
                 except PublishFailedError as exc:

@@ -715,6 +715,26 @@ class Verdict:
         )
 
 
+async def drain_stop_and_verify(
+    mariadb: MariaDB,
+    database: str,
+    writers: Writers,
+    consumer: Consumer,
+    relay: RelayProcess,
+) -> Verdict:
+    """After the writers stopped: everything delivered and published, the relay (alive all the
+    while) stops on SIGTERM with exit 0 and logged no error; returns the delivery verdict."""
+    check_versions(writers)
+    await consumer.wait_for(writers.committed, timeout_s=120)
+    await wait_drained(mariadb, database, timeout_s=60)
+    await check_outbox(mariadb, database, writers)
+    await consumer.wait_caught_up()
+    assert relay.alive, relay.tail()
+    assert await relay.terminate() == 0, relay.tail()
+    assert not relay_errors(relay), relay.tail()
+    return verify(writers, consumer)
+
+
 def verify(writers: Writers, consumer: Consumer) -> Verdict:
     committed = writers.committed
     first_seen: set[str] = set()

@@ -56,17 +56,9 @@ async def test_broker_down_thirty_seconds(
                 raise AssertionError(f"{exc}; backlog={backlog}; {relay.summary()}") from None
             drained_s = time.monotonic() - up_at
             await writers.stop()
-            harness.check_versions(writers)
-
-            await consumer.wait_for(writers.committed, timeout_s=120)
-            await harness.wait_drained(mariadb, database, timeout_s=60)
-            await harness.check_outbox(mariadb, database, writers)
-            await consumer.wait_caught_up()
-            assert relay.alive, relay.tail()
-            assert await relay.terminate() == 0, relay.tail()
-            assert not harness.relay_errors(relay), relay.tail()
-
-            verdict = harness.verify(writers, consumer)
+            verdict = await harness.drain_stop_and_verify(
+                mariadb, database, writers, consumer, relay
+            )
             retries = len(relay.events("publish_failed")) + len(relay.events("cycle_failed"))
             print(  # noqa: T201 - the figures are part of the report
                 f"\nbroker down {OUTAGE_S:.0f}s: {verdict.summary()} backlog_at_start={at_start} "

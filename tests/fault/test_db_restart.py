@@ -47,17 +47,9 @@ async def test_database_restart(
             await consumer.wait_for(list(writers.committed), timeout_s=120)
             recovered_s = time.monotonic() - down_at
             await writers.stop()
-            harness.check_versions(writers)
-
-            await consumer.wait_for(writers.committed, timeout_s=120)
-            await harness.wait_drained(mariadb, database, timeout_s=60)
-            await harness.check_outbox(mariadb, database, writers)
-            await consumer.wait_caught_up()
-            assert relay.alive, relay.tail()
-            assert await relay.terminate() == 0, relay.tail()
-            assert not harness.relay_errors(relay), relay.tail()
-
-            verdict = harness.verify(writers, consumer)
+            verdict = await harness.drain_stop_and_verify(
+                mariadb, database, writers, consumer, relay
+            )
             print(  # noqa: T201 - the figures are part of the report
                 f"\nmariadb restart ({restart_s:.1f}s down+up, all relayed {recovered_s:.1f}s "
                 f"after down): {verdict.summary()} rolled_back={len(writers.rolled_back)} "

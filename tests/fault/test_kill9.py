@@ -48,17 +48,9 @@ async def test_kill_minus_nine_twenty_times(
             assert await victim.kill() == -9
             killed_after.append(time.monotonic() - victim.started_at)
         await writers.stop()
-        harness.check_versions(writers)
-
-        await consumer.wait_for(writers.committed, timeout_s=120)
-        await harness.wait_drained(mariadb, database, timeout_s=60)
-        await harness.check_outbox(mariadb, database, writers)
-        await consumer.wait_caught_up()
-        assert survivor.alive, survivor.tail()
-        assert await survivor.terminate() == 0, survivor.tail()
-        assert not harness.relay_errors(survivor), survivor.tail()
-
-        verdict = harness.verify(writers, consumer)
+        verdict = await harness.drain_stop_and_verify(
+            mariadb, database, writers, consumer, survivor
+        )
         print(  # noqa: T201 - the figures are part of the report
             f"\nkill -9 x{KILLS}: {verdict.summary()} rolled_back={len(writers.rolled_back)} "
             f"batch_size={BATCH_SIZE} victims_lived_s=[{min(killed_after):.1f}.."
