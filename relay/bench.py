@@ -233,6 +233,8 @@ async def http_get(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, s
             data = await reader.read()
         finally:
             writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
     return status, body.decode()

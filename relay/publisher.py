@@ -84,7 +84,6 @@ class Publisher:
         self._producer: aiokafka.AIOKafkaProducer | None = None
         self._dead_letter_topic = settings.outbox.dead_letter_topic
         self._reset_lock = asyncio.Lock()
-        self.resets = 0
 
     @property
     def started(self) -> bool:
@@ -109,7 +108,6 @@ class Publisher:
                 return  # already replaced (or stopped)
             log.warning("producer_reset")
             self._producer = await self._new_producer()
-            self.resets += 1
         await broken.stop()
 
     async def stop(self) -> None:

@@ -47,9 +47,6 @@ class Queries:
     def __getitem__(self, name: str) -> str:
         return self.statements[name]
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.statements
-
 
 @functools.lru_cache(maxsize=4096)
 def _expanded(sql: str, key: str, length: int) -> str:

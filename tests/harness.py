@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from servers import REPO_ROOT, SERVERS_SH, Kafka, MariaDB, create_topic, delete_topic, unique_name
 
-from relay import store, writer
+from relay import bench, store, writer
 
 AGGREGATE_TYPE = "account"
 TABLE = "outbox"
@@ -109,23 +109,6 @@ def ensure_servers_up() -> None:
         timeout=300,
         check=True,
     )
-
-
-async def http_get(port: int, path: str, timeout_s: float = 3.0) -> tuple[int, bytes]:
-    """GET ``http://127.0.0.1:<port><path>`` (HTTP/1.0); returns (status, body)."""
-    async with asyncio.timeout(timeout_s):
-        reader, writer_ = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer_.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-            await writer_.drain()
-            response = await reader.read()
-        finally:
-            writer_.close()
-            with contextlib.suppress(OSError):
-                await writer_.wait_closed()
-    head, _, body = response.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, body
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -248,10 +231,10 @@ class RelayProcess:
         return self.popen.poll() is None
 
     async def metrics(self) -> dict[str, float]:
-        status, body = await http_get(self.http_port, "/metrics")
+        status, body = await bench.http_get(self.http_port, "/metrics")
         if status != 200:
             raise AssertionError(f"{self.name}: /metrics answered {status}")
-        return parse_metrics(body.decode())
+        return parse_metrics(body)
 
     async def published(self) -> float | None:
         """The process's published counter, or None while its endpoint does not answer."""

@@ -270,19 +270,3 @@ async def end_offsets(kafka: Kafka, topic: str) -> int:
 
 
 # ------------------------------------------------------------------ HTTP
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer_ = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer_.write(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
-        await writer_.drain()
-        async with asyncio.timeout(15):
-            response = await reader.read()
-    finally:
-        writer_.close()
-        with contextlib.suppress(ConnectionError):
-            await writer_.wait_closed()
-    head, _, body = response.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, body.decode()

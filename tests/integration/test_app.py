@@ -10,7 +10,7 @@ import pytest
 from integration import helpers
 from servers import Kafka, MariaDB
 
-from relay import app, config
+from relay import app, bench, config
 
 pytestmark = pytest.mark.integration
 
@@ -47,15 +47,15 @@ async def test_probes_when_everything_is_up(
         port = relay.probes.port
 
         async def ready() -> bool:
-            return (await helpers.http_get(port, "/readyz"))[0] == 200
+            return (await bench.http_get(port, "/readyz"))[0] == 200
 
         await helpers.wait_until(ready, "/readyz 200")
-        assert await helpers.http_get(port, "/readyz") == (200, "ok\n")
-        assert await helpers.http_get(port, "/livez") == (200, "ok\n")
-        status, body = await helpers.http_get(port, "/metrics")
+        assert await bench.http_get(port, "/readyz") == (200, "ok\n")
+        assert await bench.http_get(port, "/livez") == (200, "ok\n")
+        status, body = await bench.http_get(port, "/metrics")
         assert status == 200
         assert "outbox_relay_published_total" in body
-        assert (await helpers.http_get(port, "/nope"))[0] == 404
+        assert (await bench.http_get(port, "/nope"))[0] == 404
         # and it relays
         ids = await helpers.write(settings, helpers.event("probe"))
         await helpers.wait_for_statuses(settings, dict.fromkeys(ids, "published"))
@@ -74,11 +74,11 @@ async def test_readiness_names_kafka_when_unreachable(
     await helpers.migrate(settings)
     async with running(settings) as (relay, task):
         port = relay.probes.port
-        status, body = await helpers.http_get(port, "/readyz")
+        status, body = await bench.http_get(port, "/readyz")
         assert status == 503
         assert body.startswith("kafka: ")
         assert "mysql" not in body
-        assert await helpers.http_get(port, "/livez") == (200, "ok\n")
+        assert await bench.http_get(port, "/livez") == (200, "ok\n")
         assert not relay.publisher.started
         relay.request_stop()
         async with asyncio.timeout(settings.worker.shutdown_timeout_s):
@@ -102,7 +102,7 @@ async def test_readiness_names_mysql_when_unreachable(
             return relay.publisher.started
 
         await helpers.wait_until(kafka_connected, "the producer")
-        status, body = await helpers.http_get(relay.probes.port, "/readyz")
+        status, body = await bench.http_get(relay.probes.port, "/readyz")
         assert status == 503
         assert body.startswith("mysql: ")
         assert "kafka" not in body
@@ -136,5 +136,5 @@ async def test_request_stop_returns_0_with_producer_closed(
     assert all(t.done() for t in relay._tasks)
     assert not any(t.cancelled() for t in relay._tasks)  # ended by themselves, none cancelled
     with pytest.raises(OSError):  # the probe port is closed
-        await helpers.http_get(port, "/livez")
+        await bench.http_get(port, "/livez")
     assert sum(w.published for w in relay.workers) == 20
