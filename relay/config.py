@@ -19,6 +19,13 @@ import pydantic_settings
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,57}$")
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def is_topic_name(name: str) -> bool:
+    """Kafka's rule: 1-249 of [A-Za-z0-9._-], and not "." or ".."."""
+    return bool(TOPIC_NAME.match(name)) and name not in {".", ".."}
+
+
 TOPIC_FIELDS = ("aggregate_type", "event_type", "source_table")
 
 PositiveFloat = Annotated[float, pydantic.Field(gt=0)]
@@ -87,7 +94,7 @@ class OutboxSettings(pydantic.BaseModel):
     @pydantic.field_validator("dead_letter_topic")
     @classmethod
     def _topic(cls, value: str | None) -> str | None:
-        if value is not None and (not TOPIC_NAME.match(value) or value in {".", ".."}):
+        if value is not None and not is_topic_name(value):
             raise ValueError("not a valid Kafka topic name")
         return value
 

@@ -6,7 +6,6 @@ A row that can never become a valid record raises :class:`PoisonRowError` with a
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import NamedTuple
 
 import orjson
@@ -15,7 +14,6 @@ from relay import config
 
 # Bytes a record costs on the wire beyond key, value and headers (record batch framing).
 RECORD_OVERHEAD_BYTES = 128
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
 
 class Row(NamedTuple):
@@ -78,7 +76,7 @@ class Formatter:
             event_type=row.event_type,
             source_table=row.source_table or "",
         )
-        if not _TOPIC.match(topic) or topic in {".", ".."}:
+        if not config.is_topic_name(topic):
             raise PoisonRowError("invalid_topic", f"invalid Kafka topic name {topic!r}")
         return topic
 

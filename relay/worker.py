@@ -157,8 +157,11 @@ class Worker:
         try:
             async with asyncio.timeout(self._worker.publish_timeout_s):
                 outcome = await self._publisher.publish(records)
-                by_id = {row.id: row for row in rows}
-                verdicts.failed += [(by_id[r.row_id], why, err) for r, why, err in outcome.poison]
+                if outcome.poison:
+                    by_id = {row.id: row for row in rows}
+                    verdicts.failed += [
+                        (by_id[r.row_id], why, err) for r, why, err in outcome.poison
+                    ]
                 if verdicts.failed:
                     metrics.dead_lettered.inc(await self._publisher.dead_letter(verdicts.failed))
         except TimeoutError:
