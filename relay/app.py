@@ -19,14 +19,14 @@ from typing import Any
 import structlog
 
 from relay import (
+    backlog,
     cleaner,
     config,
     db,
+    http,
     metrics,
     pacing,
-    probes,
     publisher,
-    sampler,
     store,
     wakeup,
     worker,
@@ -41,8 +41,8 @@ class App:
         self.stop = asyncio.Event()
         self.waker = pacing.Waker()
         self.publisher = publisher.Publisher(settings)
-        self.heartbeat = probes.Heartbeat()
-        self.probes = probes.ProbeServer(settings.http, self.heartbeat, self.readiness)
+        self.heartbeat = http.Heartbeat()
+        self.http_server = http.ProbeServer(settings.http, self.heartbeat, self.readiness)
         self.wakeup = wakeup.Listener(settings.wakeup, self.waker)
         self.workers = [
             worker.Worker(f"worker-{i}", settings, self.publisher, self.stop, self.waker)
@@ -70,7 +70,7 @@ class App:
 
     async def _run(self) -> int:
         if self.settings.http.enabled:
-            await self.probes.start()
+            await self.http_server.start()
         if self.settings.wakeup.enabled:
             await self.wakeup.start()
         self._spawn("heartbeat", self.heartbeat.run(self.stop))
@@ -88,7 +88,7 @@ class App:
                     self._spawn(w.name, w.run())
                 if self.settings.cleaner.enabled:
                     self._spawn("cleaner", cleaner.Cleaner(self.settings, self.stop).run())
-                self._spawn("sampler", sampler.BacklogSampler(self.settings, self.stop).run())
+                self._spawn("backlog", backlog.BacklogSampler(self.settings, self.stop).run())
                 log.info("relay_started")
                 exit_code = await self._supervise()
         finally:
@@ -142,7 +142,7 @@ class App:
             async with asyncio.timeout(deadline):
                 await self.publisher.stop()
         self.wakeup.stop()
-        await self.probes.stop()
+        await self.http_server.stop()
         log.info(
             "relay_stopped",
             published=sum(w.published for w in self.workers),

@@ -26,20 +26,19 @@ class Cleaner:
         self.lock_name = f"outbox-relay-cleaner:{settings.db.name}.{settings.outbox.table}"
 
     async def run(self) -> None:
-        """Run every ``interval_s`` until stopped; errors are counted, logged and retried."""
-        while not self._stop.is_set():
-            try:
-                await self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                metrics.cleaner_runs.labels("error").inc()
-                log.warning("cleaner_failed", error=f"{type(exc).__name__}: {exc}")
-            if await pacing.sleep_unless(self._stop, self._cleaner.interval_s):
-                return
+        """Run every ``interval_s`` until stopped; see :func:`relay.pacing.periodic` for errors."""
+        await pacing.periodic("cleaner", self._stop, self._cleaner.interval_s, self._run_counted)
+
+    async def _run_counted(self) -> None:
+        try:
+            await self.run_once()
+        except Exception:
+            metrics.cleaner_runs.labels("error").inc()
+            raise
 
     async def run_once(self) -> int | None:
         """One run. Returns rows deleted, or None if another replica holds the cleaner lock."""
-        conn = await db.connect(self._settings, autocommit=False)
-        try:
+        async with db.connection(self._settings, autocommit=False) as conn:
             if not await self._store.try_cleaner_lock(conn, self.lock_name):
                 metrics.cleaner_runs.labels("skipped").inc()
                 return None
@@ -47,8 +46,6 @@ class Cleaner:
                 deleted = await self._delete_chunks(conn)
             finally:
                 await self._store.release_cleaner_lock(conn, self.lock_name)
-        finally:
-            db.close(conn)
         metrics.cleaner_runs.labels("done").inc()
         if deleted:
             log.info("cleaner_deleted", rows=deleted)

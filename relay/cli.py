@@ -48,9 +48,9 @@ async def _migrate(settings: config.Settings, _: argparse.Namespace) -> int:
 
 
 async def _check(settings: config.Settings, _: argparse.Namespace) -> int:
-    from relay import checks  # noqa: PLC0415
+    from relay import preflight  # noqa: PLC0415
 
-    results = await checks.run(settings)
+    results = await preflight.run(settings)
     for result in results:
         print(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {result.detail}")
     return 0 if all(r.ok for r in results) else 1

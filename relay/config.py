@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import string
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import pydantic
 import pydantic_settings
+
+from relay import errors
 
 # MySQL allows 64 characters; the shard table adds "_shard" to the outbox table's name.
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -27,6 +31,24 @@ def is_topic_name(name: str) -> bool:
 
 
 TOPIC_FIELDS = ("aggregate_type", "event_type", "source_table")
+
+
+def check_topic_template(template: str) -> None:
+    """Raise ValueError unless ``template`` has balanced braces, known fields only, and makes a
+    valid topic name when every field is a plain word."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc}); use {{aggregate_type}} etc.") from None
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if field not in TOPIC_FIELDS or spec or conversion:
+            raise ValueError(f"unknown placeholder {{{field}}}; allowed: {', '.join(TOPIC_FIELDS)}")
+    sample = template.format(**dict.fromkeys(TOPIC_FIELDS, "x"))
+    if not is_topic_name(sample):
+        raise ValueError(f"does not make a valid Kafka topic name (e.g. {sample!r})")
+
 
 PositiveFloat = Annotated[float, pydantic.Field(gt=0)]
 Port = Annotated[int, pydantic.Field(ge=1, le=65535)]
@@ -74,6 +96,7 @@ class OutboxSettings(pydantic.BaseModel):
     topic_template: str = "outbox.{aggregate_type}"
     value_format: Literal["envelope", "payload"] = "envelope"
     dead_letter_topic: str | None = None
+    on_poison: Literal["hold", "skip"] = "hold"
 
     @pydantic.field_validator("table")
     @classmethod
@@ -85,10 +108,7 @@ class OutboxSettings(pydantic.BaseModel):
     @pydantic.field_validator("topic_template")
     @classmethod
     def _template(cls, value: str) -> str:
-        fields = set(re.findall(r"{([^{}]*)}", value))
-        unknown = fields - set(TOPIC_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {TOPIC_FIELDS}")
+        check_topic_template(value)
         return value
 
     @pydantic.field_validator("dead_letter_topic")
@@ -106,12 +126,16 @@ class WorkerSettings(pydantic.BaseModel):
 
     count: Annotated[int, pydantic.Field(ge=1, le=64)] = 2
     batch_size: Annotated[int, pydantic.Field(ge=1, le=10000)] = 1000
+    batch_max_bytes: Annotated[int, pydantic.Field(ge=1024)] = 16 * 1024 * 1024
     shards_per_claim: Annotated[int, pydantic.Field(ge=1, le=64)] = 16
     poll_interval_s: PositiveFloat = 0.1
     claim_linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.005
     publish_timeout_s: PositiveFloat = 15.0
     backoff_initial_s: PositiveFloat = 0.1
     backoff_max_s: PositiveFloat = 5.0
+    hold_retry_initial_s: PositiveFloat = 1.0
+    hold_retry_max_s: PositiveFloat = 60.0
+    unready_after_failed_cycles: Annotated[int, pydantic.Field(ge=1)] = 5
     lock_wait_timeout_s: Annotated[float, pydantic.Field(ge=1)] = 5.0
     shutdown_timeout_s: PositiveFloat = 20.0
 
@@ -136,9 +160,19 @@ class HttpSettings(pydantic.BaseModel):
     enabled: bool = True
     host: str = "0.0.0.0"  # noqa: S104 - a daemon's probe port listens on the pod IP
     port: ListenPort = 9108
-    backlog_sample_interval_s: PositiveFloat = 5.0
-    backlog_count_cap: Annotated[int, pydantic.Field(ge=1)] = 100000
     liveness_stale_s: PositiveFloat = 30.0
+    # Old names of RELAY_BACKLOG__SAMPLE_INTERVAL_S and RELAY_BACKLOG__COUNT_CAP, still honoured.
+    backlog_sample_interval_s: PositiveFloat | None = None
+    backlog_count_cap: Annotated[int, pydantic.Field(ge=1)] | None = None
+
+
+class BacklogSettings(pydantic.BaseModel):
+    """The backlog sampler behind the backlog and held-aggregate gauges."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    sample_interval_s: PositiveFloat = 5.0
+    count_cap: Annotated[int, pydantic.Field(ge=1)] = 100000
 
 
 class WakeupSettings(pydantic.BaseModel):
@@ -176,8 +210,22 @@ class Settings(pydantic_settings.BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     cleaner: CleanerSettings = CleanerSettings()
     http: HttpSettings = HttpSettings()
+    backlog: BacklogSettings = BacklogSettings()
     wakeup: WakeupSettings = WakeupSettings()
     log: LogSettings = LogSettings()
+
+    @pydantic.model_validator(mode="after")
+    def _backlog_aliases(self) -> Settings:
+        """The old RELAY_HTTP__BACKLOG_* names apply unless the new names are set."""
+        old = {
+            "sample_interval_s": self.http.backlog_sample_interval_s,
+            "count_cap": self.http.backlog_count_cap,
+        }
+        given = {k: v for k, v in old.items() if v is not None}
+        given = {k: v for k, v in given.items() if k not in self.backlog.model_fields_set}
+        if given:
+            self.backlog = self.backlog.model_copy(update=given)
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -193,14 +241,40 @@ class Settings(pydantic_settings.BaseSettings):
         return init_settings, env_settings, secrets
 
 
-class ConfigError(Exception):
-    """Invalid settings; the message is one line and never contains a secret value."""
+ConfigError = errors.ConfigError
+
+# Variables of the relay's own that are not settings.
+NOT_SETTINGS = frozenset({"RELAY_SECRETS_DIR"})
+
+
+def check_names(environ: Mapping[str, str]) -> None:
+    """Refuse unknown ``RELAY_<GROUP>__<NAME>`` variables.
+
+    Variables without ``__`` (``RELAY_PORT`` from a Kubernetes service link, say) are left
+    alone: they cannot be meant as settings.
+    """
+    groups = Settings.model_fields
+    unknown: list[str] = []
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith("RELAY_") or "__" not in upper or upper in NOT_SETTINGS:
+            continue
+        group, _, field = upper.removeprefix("RELAY_").lower().partition("__")
+        model = groups[group].annotation if group in groups else None
+        if model is None or field not in model.model_fields:  # type: ignore[union-attr]
+            unknown.append(upper)
+    if unknown:
+        raise ConfigError(
+            f"invalid configuration: unknown setting(s) {', '.join(sorted(unknown))}"
+            " (see the settings table in README.md)"
+        )
 
 
 def load(**overrides: Any) -> Settings:
     """Build the settings from the environment (and secret files), with optional overrides."""
     secrets_dir = os.environ.get("RELAY_SECRETS_DIR", "/run/secrets/relay")
     try:
+        check_names(os.environ)
         return Settings(_secrets_dir=secrets_dir, **overrides)  # type: ignore[call-arg]
     except pydantic.ValidationError as exc:
         raise ConfigError(describe(exc)) from None

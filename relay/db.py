@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomysql
@@ -9,15 +11,6 @@ import aiomysql
 from relay import config, store
 
 Connection = Any  # aiomysql.Connection is untyped
-
-# Errors meaning "the database went away or refused us for now": reconnect and retry later.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    aiomysql.OperationalError,
-    aiomysql.InterfaceError,
-    ConnectionError,
-    OSError,
-    TimeoutError,
-)
 
 
 async def connect(settings: config.Settings, *, autocommit: bool = True) -> Connection:
@@ -41,6 +34,18 @@ async def connect(settings: config.Settings, *, autocommit: bool = True) -> Conn
         conn.close()
         raise
     return conn
+
+
+@contextlib.asynccontextmanager
+async def connection(
+    settings: config.Settings, *, autocommit: bool = True
+) -> AsyncIterator[Connection]:
+    """``async with db.connection(settings) as conn:`` a relay connection, closed afterwards."""
+    conn = await connect(settings, autocommit=autocommit)
+    try:
+        yield conn
+    finally:
+        close(conn)
 
 
 def close(conn: Connection | None) -> None:

@@ -1,10 +1,18 @@
-"""Small pacing helpers shared by the loops: exponential backoff and a wake-up signal."""
+"""Small pacing helpers shared by the loops: backoff, a periodic loop and a wake-up signal."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import random
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from relay import errors, metrics
+
+log = structlog.get_logger(__name__)
 
 
 class Backoff:
@@ -31,6 +39,27 @@ async def sleep_unless(stop: asyncio.Event, delay_s: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def periodic(
+    name: str, stop: asyncio.Event, interval_s: float, step: Callable[[], Awaitable[object]]
+) -> None:
+    """Run ``step`` every ``interval_s`` (start to start) until ``stop`` is set.
+
+    A transient or operational failure is counted (``loop_errors{loop=name}``), logged and
+    retried at the next tick; a bug propagates, so that the supervisor stops the daemon.
+    """
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            await step()
+        except Exception as exc:
+            kind = errors.classify(exc)
+            if kind is errors.Kind.BUG:
+                raise
+            metrics.loop_errors.labels(name).inc()
+            log.warning("loop_step_failed", loop=name, kind=kind.value, error=errors.one_line(exc))
+        await sleep_unless(stop, max(0.0, interval_s - (time.monotonic() - started)))
 
 
 class Waker:

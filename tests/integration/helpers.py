@@ -49,7 +49,8 @@ def make_settings(
             "shutdown_timeout_s": 10.0,
         },
         "cleaner": {"enabled": False},
-        "http": {"host": "127.0.0.1", "port": 0, "backlog_sample_interval_s": 0.5},
+        "http": {"host": "127.0.0.1", "port": 0},
+        "backlog": {"sample_interval_s": 0.5},
     }
     for group, values in groups.items():
         base[group] = {**base.get(group, {}), **values}

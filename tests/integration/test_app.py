@@ -23,7 +23,7 @@ async def running(settings: config.Settings) -> AsyncIterator[tuple[app.App, asy
     async def probes_up() -> bool:
         assert not task.done(), task
         try:
-            return relay.probes.port > 0
+            return relay.http_server.port > 0
         except RuntimeError:
             return False
 
@@ -44,7 +44,7 @@ async def test_probes_when_everything_is_up(
     )
     await helpers.migrate(settings)
     async with running(settings) as (relay, task):
-        port = relay.probes.port
+        port = relay.http_server.port
 
         async def ready() -> bool:
             return (await bench.http_get(port, "/readyz"))[0] == 200
@@ -73,7 +73,7 @@ async def test_readiness_names_kafka_when_unreachable(
     )
     await helpers.migrate(settings)
     async with running(settings) as (relay, task):
-        port = relay.probes.port
+        port = relay.http_server.port
         status, body = await bench.http_get(port, "/readyz")
         assert status == 503
         assert body.startswith("kafka: ")
@@ -102,7 +102,7 @@ async def test_readiness_names_mysql_when_unreachable(
             return relay.publisher.started
 
         await helpers.wait_until(kafka_connected, "the producer")
-        status, body = await bench.http_get(relay.probes.port, "/readyz")
+        status, body = await bench.http_get(relay.http_server.port, "/readyz")
         assert status == 503
         assert body.startswith("mysql: ")
         assert "kafka" not in body
@@ -125,7 +125,7 @@ async def test_request_stop_returns_0_with_producer_closed(
     try:
         ids = await helpers.write(settings, *(helpers.event(f"s-{i}") for i in range(20)))
         await helpers.wait_for_statuses(settings, dict.fromkeys(ids, "published"))
-        port = relay.probes.port
+        port = relay.http_server.port
         relay.publisher.producer  # noqa: B018 - raises unless the producer is connected
         assert len([t for t in relay._tasks if not t.done()]) >= 5  # workers, cleaner, ...
     finally:

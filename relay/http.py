@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import prometheus_client
 import structlog
 
-from relay import config
+from relay import config, pacing
 
 log = structlog.get_logger(__name__)
 
@@ -29,12 +29,10 @@ class Heartbeat:
         self.last = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            self.last = time.monotonic()
-            try:
-                await asyncio.wait_for(stop.wait(), self.period_s)
-            except TimeoutError:
-                continue
+        await pacing.periodic("heartbeat", stop, self.period_s, self.beat)
+
+    async def beat(self) -> None:
+        self.last = time.monotonic()
 
     def age_s(self) -> float:
         return time.monotonic() - self.last
