@@ -19,13 +19,16 @@ BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 FAILURE_REASONS = (
     "too_large",
     "bad_headers",
+    "bad_json",
     "bad_row",
-    "unknown_topic",
     "invalid_topic",
     "rejected",
 )
-# Bounded label values for batches that were rolled back and retried.
-RETRY_REASONS = ("timeout", "kafka", "database")
+# Bounded label values for cycles that failed (their unsent rows stay new and are retried).
+RETRY_REASONS = ("timeout", "kafka", "database", "operational", "mark")
+# Kinds of aggregate holds: a poison row waiting for an operator, or an automatic timed hold
+# after an operational error that concerned only some records (topic missing, not authorized).
+HOLD_KINDS = ("poison", "timed")
 
 publish_lag = prometheus_client.Histogram(
     f"{PREFIX}_publish_lag_seconds",
@@ -74,6 +77,20 @@ backlog_oldest_age = prometheus_client.Gauge(
     f"{PREFIX}_backlog_oldest_age_seconds",
     "Age of the oldest unpublished outbox row, sampled; 0 when there is none.",
 )
+held_aggregates = prometheus_client.Gauge(
+    f"{PREFIX}_held_aggregates",
+    "Aggregates whose rows wait behind a hold, by kind (poison: `relay skip`/`relay replay`"
+    " releases it; timed: retried automatically), sampled.",
+    ["kind"],
+)
+held_rows = prometheus_client.Gauge(
+    f"{PREFIX}_held_rows", "Rows waiting behind a hold of their aggregate, sampled."
+)
+ready = prometheus_client.Gauge(
+    f"{PREFIX}_ready",
+    "1 when the workers' last cycles succeeded, 0 after RELAY_WORKER__UNREADY_AFTER_FAILED_CYCLES"
+    " consecutive failed cycles.",
+)
 failed_rows = prometheus_client.Gauge(
     f"{PREFIX}_failed_rows", "Rows in status failed waiting for `relay replay`, sampled."
 )
@@ -98,5 +115,7 @@ for _reason in FAILURE_REASONS:
     failed.labels(_reason)
 for _reason in RETRY_REASONS:
     batch_retries.labels(_reason)
+for _kind in HOLD_KINDS:
+    held_aggregates.labels(_kind)
 for _result in ("done", "skipped", "error"):
     cleaner_runs.labels(_result)
