@@ -1,7 +1,9 @@
 #!/bin/sh
 # Regenerates deploy/kubernetes/{deployment,migrate-job}.yaml from the chart (needs helm).
 # Run from the repository root: sh deploy/kubernetes/render.sh
+# Uses $HELM if set, else the pinned helm of deploy/kubernetes/get-helm.sh (installed if needed).
 set -eu
+HELM="${HELM:-$(sh deploy/kubernetes/get-helm.sh)}"
 strip() { sed -e '/helm.sh\/chart:/d' -e '/app.kubernetes.io\/managed-by:/d' -e '/helm.sh\/hook/d' -e '/^  annotations:$/d' -e '/^# Source:/d'; }
 {
   cat <<'HDR'
@@ -15,16 +17,17 @@ strip() { sed -e '/helm.sh\/chart:/d' -e '/app.kubernetes.io\/managed-by:/d' -e 
 #   kubectl -n outbox-relay apply -f deploy/kubernetes/deployment.yaml
 # Keep terminationGracePeriodSeconds above RELAY_WORKER__SHUTDOWN_TIMEOUT_S.
 HDR
-  "${HELM:-helm}" template outbox-relay helm/outbox-relay --namespace outbox-relay --set tests.enabled=false | strip
+  "$HELM" template outbox-relay helm/outbox-relay --namespace outbox-relay --set tests.enabled=false | strip
 } > deploy/kubernetes/deployment.yaml
 {
   cat <<'HDR'
 # One-off `relay migrate` (idempotent) as a plain Job; the chart runs the same Job as a hook
-# with migrate.enabled=true. Apply it before the Deployment and after each upgrade:
+# with migrate.enabled=true. Apply it before the Deployment, and again before rolling out each
+# new version (the new version's schema changes go in first; the old relays keep running):
 #   kubectl -n outbox-relay delete job outbox-relay-migrate --ignore-not-found
 #   kubectl -n outbox-relay apply -f deploy/kubernetes/migrate-job.yaml
 #   kubectl -n outbox-relay wait --for=condition=complete job/outbox-relay-migrate --timeout=300s
 HDR
-  "${HELM:-helm}" template outbox-relay helm/outbox-relay --namespace outbox-relay --set migrate.enabled=true \
+  "$HELM" template outbox-relay helm/outbox-relay --namespace outbox-relay --set migrate.enabled=true \
     --show-only templates/migrate-job.yaml | strip
 } > deploy/kubernetes/migrate-job.yaml

