@@ -1,6 +1,7 @@
 """Test helpers for the real MariaDB and Kafka servers started by deploy/local/servers.sh.
 
-Generic on purpose: nothing here imports the ``relay`` package.
+Generic on purpose: nothing here imports the ``relay`` package. Topics are created and deleted
+with ``relay.tools.topics`` (pass :attr:`Kafka.options`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pymysql
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, for_code
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVERS_SH = REPO_ROOT / "deploy" / "local" / "servers.sh"
@@ -54,6 +55,11 @@ class MariaDB:
 @dataclass(frozen=True)
 class Kafka:
     bootstrap: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Client connection options (for ``relay.tools.topics`` and plain aiokafka clients)."""
+        return {"bootstrap_servers": self.bootstrap}
 
 
 def mariadb_from_env() -> MariaDB:
@@ -177,52 +183,3 @@ def drop_database(server: MariaDB, name: str) -> None:
             cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
     finally:
         conn.close()
-
-
-# ------------------------------------------------------------------ topics
-
-
-def _raise_topic_errors(action: str, topic_errors: list[tuple[object, ...]]) -> None:
-    for entry in topic_errors:
-        code = int(entry[1])  # type: ignore[call-overload]
-        if code != 0:
-            raise for_code(code)(f"{action} {entry[0]}: {entry}")
-
-
-async def create_topic(bootstrap: str, name: str, partitions: int, timeout_s: float = 30.0) -> None:
-    """Create ``name`` and return once the broker reports a leader for every partition."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    await admin.start()
-    try:
-        async with asyncio.timeout(timeout_s):
-            response = await admin.create_topics(
-                [NewTopic(name=name, num_partitions=partitions, replication_factor=1)]
-            )
-            _raise_topic_errors("creating topic", response.topic_errors)
-            # poll the broker's metadata until every partition has a leader (bounded by the timeout)
-            while True:
-                if await _topic_ready(admin, name, partitions):
-                    break
-                await asyncio.sleep(0.05)
-    finally:
-        await admin.close()
-
-
-async def _topic_ready(admin: AIOKafkaAdminClient, name: str, partitions: int) -> bool:
-    described = await admin.describe_topics([name])
-    if not described or described[0].get("error_code", 0) != 0:
-        return False
-    parts: list[dict[str, Any]] = described[0].get("partitions", [])
-    return len(parts) == partitions and all(
-        p.get("error_code", 0) == 0 and p.get("leader", -1) >= 0 for p in parts
-    )
-
-
-async def delete_topic(bootstrap: str, name: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
-    await admin.start()
-    try:
-        response = await admin.delete_topics([name])
-        _raise_topic_errors("deleting topic", response.topic_error_codes)
-    finally:
-        await admin.close()

@@ -1,31 +1,26 @@
-"""Helpers of the integration tests: settings, SQL, polling, a Kafka reader, HTTP GET."""
+"""Helpers of the integration tests: settings, SQL, polling, topics, a Kafka reader."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import prometheus_client
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from servers import Kafka, MariaDB, delete_topic, unique_name
+from aiokafka.errors import KafkaError
+from servers import Kafka, MariaDB, unique_name
 
-from relay import config, db, store, writer
+from relay import app, config, db, store, writer
+from relay.tools import net, polling, topics
 
 TABLE = "outbox"
 
-
-def closed_port() -> int:
-    """A local TCP port nobody listens on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+# The shared implementations, under the names the integration tests use.
+closed_port = net.free_port  # a local TCP port nobody listens on
+wait_until = polling.wait_until  # wait_until(predicate, what, timeout_s=30.0)
 
 
 def make_settings(
@@ -124,17 +119,6 @@ async def rows_by_message_id(settings: config.Settings) -> dict[str, dict[str, A
     }
 
 
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 30.0
-) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def wait_for_statuses(
     settings: config.Settings, expected: Mapping[str, str], timeout_s: float = 30.0
 ) -> None:
@@ -143,6 +127,30 @@ async def wait_for_statuses(
         return all(current.get(m) == s for m, s in expected.items())
 
     await wait_until(reached, f"{len(expected)} rows to reach their status", timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: config.Settings) -> AsyncIterator[tuple[app.App, asyncio.Task[int]]]:
+    """``relay run`` in this process (an :class:`relay.app.App`) until the block ends, once its
+    probe server listens; then a stop is requested and awaited."""
+    relay = app.App(settings)
+    task = asyncio.create_task(relay.run(), name="relay")
+
+    def probes_up() -> bool:
+        if task.done():
+            raise AssertionError(f"the relay stopped at start-up: {task.result()!r}")
+        try:
+            return relay.http_server.port > 0
+        except RuntimeError:
+            return False
+
+    try:
+        await wait_until(probes_up, "the probe server")
+        yield relay, task
+    finally:
+        relay.request_stop()
+        async with asyncio.timeout(settings.worker.shutdown_timeout_s + 10):
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def metric(name: str, **labels: str) -> float:
@@ -168,54 +176,25 @@ class Message:
 
 @contextlib.asynccontextmanager
 async def fresh_topic(
-    kafka: Kafka, partitions: int = 1, configs: Mapping[str, str] | None = None
+    kafka: Kafka,
+    partitions: int = 1,
+    configs: Mapping[str, str] | None = None,
+    name: str | None = None,
 ) -> AsyncIterator[str]:
-    """A new topic (with topic-level configs), ready to produce to; deleted afterwards."""
-    name = unique_name("t_")
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10000)
-    await admin.start()
-    try:
-        async with asyncio.timeout(30):
-            response = await admin.create_topics(
-                [
-                    NewTopic(
-                        name=name,
-                        num_partitions=partitions,
-                        replication_factor=1,
-                        topic_configs=dict(configs or {}),
-                    )
-                ]
-            )
-            assert all(entry[1] == 0 for entry in response.topic_errors), response
-            while True:
-                described = await admin.describe_topics([name])
-                parts = described[0].get("partitions", []) if described else []
-                if (
-                    described
-                    and described[0].get("error_code", 0) == 0
-                    and len(parts) == partitions
-                    and all(p.get("leader", -1) >= 0 for p in parts)
-                ):
-                    break
-                await asyncio.sleep(0.05)
-    finally:
-        await admin.close()
+    """A new topic (``t_<hex>`` unless named; topic-level configs), ready to produce to; deleted
+    afterwards."""
+    name = name or unique_name("t_")
+    await topics.create(kafka.options, name, partitions, configs=configs)
     try:
         yield name
     finally:
-        await delete_topic(kafka.bootstrap, name)
+        # a fault test may have left the broker down: a leftover topic is harmless
+        with contextlib.suppress(KafkaError, OSError):
+            await topics.delete(kafka.options, [name])
 
 
 async def partitions_of(kafka: Kafka, topic: str) -> list[int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap, request_timeout_ms=10000)
-    await admin.start()
-    try:
-        described = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    partitions = sorted(int(p["partition"]) for p in described[0].get("partitions", []))
-    assert partitions, f"topic {topic} has no partitions"
-    return partitions
+    return await topics.partition_ids(kafka.options, topic)
 
 
 async def consume(
@@ -268,6 +247,3 @@ async def end_offsets(kafka: Kafka, topic: str) -> int:
         return sum(offsets.values())
     finally:
         await consumer.stop()
-
-
-# ------------------------------------------------------------------ HTTP

@@ -1,19 +1,20 @@
-"""The real servers behave as the relay relies on: idempotent Kafka produce, SKIP LOCKED claims."""
+"""The real servers behave as the relay relies on: idempotent Kafka produce, and SKIP LOCKED
+claims on the relay's own outbox schema (``relay migrate``) through its shard locking."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
 
-import aiomysql
 import pymysql
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from integration import helpers
 from servers import Kafka, MariaDB
 
-pytestmark = pytest.mark.integration
+from relay import db, queries, store
 
-CLAIM = "SELECT id FROM jobs WHERE done = 0 ORDER BY id LIMIT 5 FOR UPDATE SKIP LOCKED"
+pytestmark = pytest.mark.integration
 
 Record = tuple[int, bytes, bytes]  # (offset, key, value)
 
@@ -69,78 +70,76 @@ async def test_idempotent_producer_round_trip(kafka: Kafka, topic: str) -> None:
     assert sum(len(v) for v in received.values()) == 100
 
 
-# ---------------------------------------------------------------- MariaDB: FOR UPDATE SKIP LOCKED
+# ------------------------------------------- MariaDB: FOR UPDATE SKIP LOCKED on the relay's tables
+
+S = store.Store(helpers.TABLE)
+CLAIM_SHARDS = 5
 
 
-async def _connect(mariadb: MariaDB, database: str) -> aiomysql.Connection:
-    conn = await aiomysql.connect(
-        host=mariadb.host,
-        port=mariadb.port,
-        user=mariadb.user,
-        password=mariadb.password,
-        db=database,
-        autocommit=False,
-    )
-    async with conn.cursor() as cur:
-        await cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        await cur.execute("SELECT @@tx_isolation")
-        assert await cur.fetchone() == ("READ-COMMITTED",)
-    return conn
-
-
-async def _claim(conn: aiomysql.Connection) -> set[int]:
-    """Start a transaction and claim up to 5 pending jobs; the row locks stay held."""
+async def _lock(conn: db.Connection, ready: list[int]) -> set[int]:
+    """Begin a claim as a worker does: lock up to 5 ready shards; the locks stay held."""
     await conn.begin()
-    async with conn.cursor() as cur:
-        await cur.execute(CLAIM)
-        return {int(row[0]) for row in await cur.fetchall()}
+    return set(await S.lock_shards(conn, ready, CLAIM_SHARDS))
 
 
-async def test_skip_locked_claims_are_disjoint(mariadb: MariaDB, database: str) -> None:
-    with mariadb.connect(database) as setup, setup.cursor() as cur:
-        cur.execute(
-            "CREATE TABLE jobs (id INT PRIMARY KEY AUTO_INCREMENT,"
-            " done TINYINT NOT NULL DEFAULT 0) ENGINE=InnoDB"
-        )
-        cur.executemany("INSERT INTO jobs (done) VALUES (%s)", [(0,)] * 20)
-
-    conns = [await _connect(mariadb, database) for _ in range(4)]
+async def test_skip_locked_claims_are_disjoint(
+    mariadb: MariaDB, kafka: Kafka, database: str
+) -> None:
+    settings = helpers.make_settings(mariadb, database, kafka.bootstrap)
+    await helpers.migrate(settings)
+    await helpers.write(settings, *(helpers.event(f"job-{i}") for i in range(200)))
+    conns = [await db.connect(settings, autocommit=False) for _ in range(4)]
     c1, c2, c3, c4 = conns
     try:
+        ready = await S.ready_shards(c1)
+        await c1.rollback()
+        assert len(ready) > 3 * CLAIM_SHARDS  # 200 aggregates spread over the 64 shards
+
         # two transactions claim concurrently, a third while both still hold their locks
-        first, second = await asyncio.gather(_claim(c1), _claim(c2))
-        third = await _claim(c3)
+        first, second = await asyncio.gather(_lock(c1, ready), _lock(c2, ready))
+        third = await _lock(c3, ready)
         for claimed in (first, second, third):
-            assert len(claimed) == 5
+            assert len(claimed) == CLAIM_SHARDS
         assert first.isdisjoint(second)
         assert third.isdisjoint(first | second)
-        assert first | second | third == set(range(1, 16))  # lowest pending ids, none skipped twice
 
-        # the claimed rows really are locked: a non-skipping locking read cannot take one
-        async with c4.cursor() as cur:
-            await c4.begin()
-            with pytest.raises(pymysql.err.OperationalError) as locked:
-                await cur.execute(f"SELECT id FROM jobs WHERE id = {min(first)} FOR UPDATE NOWAIT")
-            assert locked.value.args[0] == 1205  # ER_LOCK_WAIT_TIMEOUT (NOWAIT)
-            await c4.rollback()
-
-        # the first claimer finishes without marking its rows done: they are claimable again
-        await c1.rollback()
-        assert await _claim(c4) == first
+        # the claimed shard rows really are locked: a non-skipping locking read cannot take one
+        await c4.begin()
+        with pytest.raises(pymysql.err.OperationalError) as locked:
+            async with c4.cursor() as cur:
+                await cur.execute(
+                    f"SELECT shard FROM {helpers.TABLE}_shard WHERE shard = %s FOR UPDATE NOWAIT",
+                    (min(first),),
+                )
+        assert locked.value.args[0] == 1205  # ER_LOCK_WAIT_TIMEOUT (NOWAIT)
         await c4.rollback()
 
-        # the second marks its rows done and commits: they are gone for good; the third rolls back
+        # the first claimer ends without publishing: its shards are the first claimable again
+        await c1.rollback()
+        assert await _lock(c4, ready) == first
+        await c4.rollback()
+
+        # the second marks its shards' rows published and commits: they are gone for good
+        statement, params = queries.bind(
+            f"SELECT id FROM {helpers.TABLE} WHERE status = 'new' AND shard IN %(shards)s",
+            {"shards": sorted(second)},
+        )
         async with c2.cursor() as cur:
-            ids = ",".join(str(i) for i in sorted(second))
-            await cur.execute(f"UPDATE jobs SET done = 1 WHERE id IN ({ids})")
+            await cur.execute(statement, params)
+            ids = [int(r[0]) for r in await cur.fetchall()]
+        assert ids
+        await S.mark_published(c2, ids)
         await c2.commit()
         await c3.rollback()
-        again = await _claim(c1)
-        assert again == first  # lowest pending ids again; second's rows are done
-        rest = await _claim(c4)
-        assert rest == third
+        remaining = await S.ready_shards(c1)
+        await c1.rollback()
+        assert set(remaining) == set(ready) - second
+        again, rest = await _lock(c1, remaining), await _lock(c4, remaining)
+        assert len(again) == len(rest) == CLAIM_SHARDS
+        assert again.isdisjoint(rest)
+        assert not (again | rest) & second
         await c1.rollback()
         await c4.rollback()
     finally:
         for conn in conns:
-            await conn.ensure_closed()
+            db.close(conn)

@@ -136,7 +136,9 @@ async def test_only_one_waiter_polls_the_others_wait_for_a_wake_up() -> None:
     waker = pacing.Waker()
     first = asyncio.create_task(waker.wait(0.01))
     second = asyncio.create_task(waker.wait(0.01))
-    assert await first is False  # the poller timed out
+    async with asyncio.timeout(5):
+        assert await first is False  # the poller timed out
     assert not second.done()  # the other one waits for a notification only
     waker.notify()
-    assert await second is True
+    async with asyncio.timeout(5):
+        assert await second is True

@@ -160,7 +160,20 @@ def test_notify_sends_a_wakeup_datagram(udp_listener: socket.socket) -> None:
     assert data == b"outbox"
 
 
-def test_notify_without_addresses_does_nothing() -> None:
-    w = writer.OutboxWriter()
-    w.notify()
-    w.close()
+def test_notify_without_addresses_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    sockets: list[socket.socket] = []
+    sent: list[tuple[Any, ...]] = []
+    real_socket = socket.socket
+
+    def watched_socket(*args: Any, **kwargs: Any) -> socket.socket:
+        sock = real_socket(*args, **kwargs)
+        sockets.append(sock)
+        return sock
+
+    monkeypatch.setattr(socket, "socket", watched_socket)
+    monkeypatch.setattr(real_socket, "sendto", lambda _sock, *args: sent.append(args))
+    for w in (writer.OutboxWriter(), writer.OutboxWriter(notify_to="")):
+        w.notify()
+        w.close()
+    assert sockets == []  # no notifier: no socket at all
+    assert sent == []

@@ -1,9 +1,12 @@
-"""Bookkeeping of the load tool (``relay demo`` / ``relay bench``). Pure: no I/O, no clock.
+"""Delivery bookkeeping of ``relay demo``, ``relay bench`` and the end-to-end tests. Pure: no
+I/O, no clock.
 
 Service A reports what it committed or rolled back, Service B what it received; the
-:class:`Tracker` turns that into latencies, losses, duplicates and per-aggregate order checks.
-Messages are identified by a small integer index (encoded in their ``message_id``, see
-:func:`message_id`), so a million-message run costs a few compact arrays.
+:class:`Tracker` turns that into latencies, losses, duplicates, per-aggregate order and key
+placement. Messages are identified by a small integer index (encoded in their ``message_id``, see
+:func:`message_id`), so a million-message run costs a few compact arrays. Order and placement
+are judged when the summary is taken, over every arrival in arrival order, so a commit that is
+recorded after its message arrived (a commit whose outcome was resolved later) is judged too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import re
 from collections.abc import Iterable, Sequence
 
 PERCENTILES = (50.0, 95.0, 99.0, 99.9)
+EXAMPLES = 20
+NO_INDEX = -1  # arrivals whose message id is not of this run
 _MESSAGE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -87,93 +92,110 @@ class LogHistogram:
 
 @dataclasses.dataclass
 class Summary:
-    """What a run proved. ``lost`` must be 0, ``leaked`` (rolled back yet delivered) too."""
+    """What a run proved. ``lost``, ``leaked`` (rolled back yet delivered), ``order_violations``
+    and ``split_keys`` (aggregates delivered to more than one partition) must be 0."""
 
     committed: int
     rolled_back: int
-    received: int
+    received: int  # distinct committed messages received
     lost: int
     leaked: int
-    duplicates: int
+    duplicates: int  # copies beyond the first
+    max_copies: int
     order_violations: int
-    foreign: int
+    split_keys: int
+    foreign: int  # arrivals not of this run, or never committed nor rolled back
     latency_from_start_ms: dict[str, float]
     latency_from_commit_ms: dict[str, float]
+    # (aggregate, last sequence, sequence received after it, index)
+    order_violation_examples: list[tuple[int, int, int, int]]
+    lost_examples: list[int]  # indexes
+    split_key_examples: list[int]  # aggregates
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.leaked == 0 and self.order_violations == 0
+        return not (self.lost or self.leaked or self.order_violations or self.split_keys)
+
+    def problems(self) -> list[str]:
+        """Everything wrong, foreign arrivals included; empty for a clean run."""
+        found: dict[str, tuple[int, Sequence[object]]] = {
+            "lost": (self.lost, self.lost_examples),
+            "rolled back yet delivered": (self.leaked, []),
+            "per-aggregate order violations": (
+                self.order_violations,
+                self.order_violation_examples,
+            ),
+            "aggregates on several partitions": (self.split_keys, self.split_key_examples),
+            "unknown messages": (self.foreign, []),
+        }
+        return [f"{what}: {n} {examples[:5]}" for what, (n, examples) in found.items() if n]
+
+    def describe(self) -> str:
+        return (
+            f"committed={self.committed} rolled_back={self.rolled_back} "
+            f"received={self.received} duplicates={self.duplicates} "
+            f"max_copies={self.max_copies} lost={self.lost} leaked={self.leaked} "
+            f"order_violations={self.order_violations} split_keys={self.split_keys} "
+            f"foreign={self.foreign}"
+        )
 
 
 class Tracker:
     """Sent and received messages of one run. Times are seconds on one monotonic clock.
 
-    ``sequence`` is the aggregate's version carried by the event: for first deliveries it must
-    increase within an aggregate (a duplicate is counted as such and not order-checked).
+    ``sequence`` is the aggregate's version carried by the event: first deliveries must
+    increase within an aggregate (a later copy counts as a duplicate and is not order-checked).
     """
 
     def __init__(self) -> None:
         self._sent: dict[int, tuple[int, int, float, float]] = {}
         self._rolled_back: set[int] = set()
-        self._received: dict[int, float] = {}
-        self._last_sequence: dict[int, int] = {}
+        self._received: set[int] = set()
+        self._copies: collections.Counter[int] = collections.Counter()  # beyond the first
+        self._arrivals = array.array("q")  # index (NO_INDEX if foreign), in arrival order
+        self._partitions = array.array("i")  # partition of each arrival
         self._in_flight: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._from_start = array.array("d")
         self._from_commit = array.array("d")
         self.cumulative = LogHistogram()
         self.window: list[float] = []
         self.duplicates = 0
-        self.order_violations = 0
-        self.violation_examples: list[tuple[int, int, int, int]] = []  # aggregate, last, got, id
-        self.leaked = 0
-        self.foreign = 0
 
     # -- Service A ---------------------------------------------------------------------------
 
     def committed(
         self, index: int, aggregate: int, sequence: int, t_start: float, t_commit: float
     ) -> None:
+        """``t_start`` NaN: no latency (preloaded rows, commits resolved afterwards)."""
         self._sent[index] = (aggregate, sequence, t_start, t_commit)
         if index not in self._received:
             self._in_flight[index] = t_commit
 
     def rolled_back(self, index: int) -> None:
         self._rolled_back.add(index)
-        if index in self._received:
-            self.leaked += 1
 
     # -- Service B ---------------------------------------------------------------------------
 
-    def received(self, index: int | None, t_receive: float) -> None:
+    def received(self, index: int | None, t_receive: float, partition: int = 0) -> None:
+        self._arrivals.append(NO_INDEX if index is None else index)
+        self._partitions.append(partition)
         if index is None:
-            self.foreign += 1
             return
         if index in self._received:
             self.duplicates += 1
+            self._copies[index] += 1
             return
-        self._received[index] = t_receive
-        if index in self._rolled_back:
-            self.leaked += 1
-            return
-        sent = self._sent.get(index)
-        if sent is None:  # arrived before its commit was recorded: should not happen
-            self.foreign += 1
-            return
-        aggregate, sequence, t_start, t_commit = sent
-        last = self._last_sequence.get(aggregate)
-        if last is not None and sequence <= last:
-            self.order_violations += 1
-            if len(self.violation_examples) < 20:
-                self.violation_examples.append((aggregate, last, sequence, index))
-        else:
-            self._last_sequence[aggregate] = sequence
+        self._received.add(index)
         self._in_flight.pop(index, None)
-        if not math.isnan(t_start):  # NaN for preloaded rows: no latency to speak of
-            self._from_start.append((t_receive - t_start) * 1000.0)
-            from_commit = (t_receive - t_commit) * 1000.0
-            self._from_commit.append(from_commit)
-            self.cumulative.record(from_commit)
-            self.window.append(from_commit)
+        sent = self._sent.get(index)
+        if sent is None or math.isnan(sent[2]):
+            return
+        _, _, t_start, t_commit = sent
+        self._from_start.append((t_receive - t_start) * 1000.0)
+        from_commit = (t_receive - t_commit) * 1000.0
+        self._from_commit.append(from_commit)
+        self.cumulative.record(from_commit)
+        self.window.append(from_commit)
 
     # -- figures -----------------------------------------------------------------------------
 
@@ -190,15 +212,22 @@ class Tracker:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def overdue(self, now: float, after_s: float) -> int:
-        """Committed over ``after_s`` ago and still not received (the oldest commits first)."""
-        cutoff = now - after_s
+    def committed_indexes(self) -> list[int]:
+        return list(self._sent)
+
+    def pending(self, committed_before: float = math.inf) -> int:
+        """Committed before ``committed_before`` (in recording order) and not received yet;
+        rows with no commit time count whatever the time."""
         count = 0
         for t_commit in self._in_flight.values():
-            if t_commit >= cutoff:
+            if t_commit >= committed_before:
                 break
             count += 1
         return count
+
+    def overdue(self, now: float, after_s: float) -> int:
+        """Committed over ``after_s`` ago and still not received."""
+        return self.pending(now - after_s)
 
     def take_window(self) -> list[float]:
         """Commit-to-receipt latencies (ms) since the previous call, sorted."""
@@ -206,18 +235,66 @@ class Tracker:
         window.sort()
         return window
 
+    def sequence_gaps(self) -> list[int]:
+        """Aggregates whose committed sequences are not exactly 1..n (a writer bug)."""
+        by_aggregate: dict[int, list[int]] = collections.defaultdict(list)
+        for aggregate, sequence, _, _ in self._sent.values():
+            by_aggregate[aggregate].append(sequence)
+        return sorted(
+            aggregate
+            for aggregate, sequences in by_aggregate.items()
+            if sorted(sequences) != list(range(1, len(sequences) + 1))
+        )
+
+    def _order_and_placement(self) -> tuple[int, list[tuple[int, int, int, int]], list[int]]:
+        """First deliveries in arrival order: order violations (with examples) and the
+        aggregates whose messages reached more than one partition."""
+        last: dict[int, int] = {}
+        partition_of: dict[int, int] = {}
+        split: set[int] = set()
+        seen: set[int] = set()
+        violations = 0
+        examples: list[tuple[int, int, int, int]] = []
+        for index, partition in zip(self._arrivals, self._partitions, strict=True):
+            sent = self._sent.get(index)
+            if sent is None:
+                continue
+            aggregate, sequence = sent[0], sent[1]
+            if partition_of.setdefault(aggregate, partition) != partition:
+                split.add(aggregate)
+            if index in seen:
+                continue
+            seen.add(index)
+            previous = last.get(aggregate)
+            if previous is not None and sequence <= previous:
+                violations += 1
+                if len(examples) < EXAMPLES:
+                    examples.append((aggregate, previous, sequence, index))
+            else:
+                last[aggregate] = sequence
+        return violations, examples, sorted(split)
+
     def summary(self) -> Summary:
+        violations, examples, split = self._order_and_placement()
+        known = self._sent.keys() | self._rolled_back
+        foreign = sum(1 for index in self._arrivals if index not in known)
+        lost = list(self._in_flight)
         return Summary(
             committed=len(self._sent),
             rolled_back=len(self._rolled_back),
             received=sum(1 for i in self._received if i in self._sent),
-            lost=len(self._in_flight),
-            leaked=self.leaked,
+            lost=len(lost),
+            leaked=len(self._rolled_back & self._received),
             duplicates=self.duplicates,
-            order_violations=self.order_violations,
-            foreign=self.foreign,
+            max_copies=1 + max(self._copies.values(), default=0) if self._received else 0,
+            order_violations=violations,
+            split_keys=len(split),
+            foreign=foreign,
             latency_from_start_ms=summarize(self._from_start),
             latency_from_commit_ms=summarize(self._from_commit),
+            order_violation_examples=examples,
+            lost_examples=lost[:EXAMPLES],
+            split_key_examples=split[:EXAMPLES],
         )
 
 

@@ -5,6 +5,7 @@ prints live figures every second. ``relay bench`` runs the relay under test as a
 process (``python -m relay run``) so that its CPU time and resident memory can be measured, in a
 fresh database and fresh topics, and reports latency, throughput, loss, duplicates, order, relay
 CPU per 1,000 messages, idle CPU, peak RSS and claim cost (from the relay's ``/metrics``).
+The arguments of both commands are defined in ``relay.cli``.
 """
 
 from __future__ import annotations
@@ -28,42 +29,14 @@ import orjson
 import psutil
 import structlog
 
-from relay import __version__, app, config, loadgen, stats
+from relay import __version__, app, config
+from relay.tools import consumer, database, loadgen, net, polling, processes, stats, topics
 
 log = structlog.get_logger(__name__)
 
 DRAIN_WAIT_S = 30.0
 CLAIM_METRIC = "outbox_relay_claim_duration_seconds"
-PUBLISHED_METRIC = "outbox_relay_published"
-
-
-# -- arguments --------------------------------------------------------------------------------
-
-
-def add_arguments(demo: argparse.ArgumentParser, bench: argparse.ArgumentParser) -> None:
-    for p in (demo, bench):
-        p.add_argument("--rate", type=float, default=500.0, help="committed msg/s (default 500)")
-        p.add_argument("--aggregates", type=int, default=1000, help="distinct aggregate ids")
-        p.add_argument("--writers", type=int, default=16, help="Service A connections")
-        p.add_argument("--event-bytes", type=int, default=1024, help="size of `after` JSON")
-        p.add_argument("--partitions", type=int, default=6, help="partitions of fresh topics")
-        p.add_argument("--keep", action="store_true", help="keep the topic (and bench database)")
-    demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
-    bench.add_argument("--mode", choices=("rate", "drain", "raw", "all"), default="rate")
-    bench.add_argument("--duration", type=float, default=60.0, help="rate mode: seconds")
-    bench.add_argument("--rows", type=int, default=1_000_000, help="drain/raw: messages")
-    bench.add_argument(
-        "--retained-published", type=int, default=0, help="preload N rows already published"
-    )
-    bench.add_argument(
-        "--drain-timeout", type=float, default=600.0, help="drain: give up after seconds"
-    )
-    bench.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU window")
-    bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.add_argument("--output", type=Path, default=None, help="also write the JSON here")
-    bench.add_argument(
-        "--relay-log", type=Path, default=None, help="relay process output (default: discard)"
-    )
+PUBLISHED_METRIC = processes.PUBLISHED_METRIC
 
 
 # -- relay demo -------------------------------------------------------------------------------
@@ -76,50 +49,40 @@ async def demo(settings: config.Settings, args: argparse.Namespace) -> int:
     settings = loadgen.with_topic(settings, topic).model_copy(update={"wakeup": wakeup})
     workload = loadgen.Workload(aggregates=args.aggregates, event_bytes=args.event_bytes)
     tracker = stats.Tracker()
-    await loadgen.create_database(settings, settings.db.name, exist_ok=True)
-    await loadgen.prepare_database(settings, args.aggregates)
-    await loadgen.create_topic(settings, topic, args.partitions)
+    kafka = topics.client_options(settings)
+    await database.create(settings, settings.db.name, exist_ok=True)
+    await database.prepare(settings, args.aggregates)
+    await topics.create(kafka, topic, args.partitions)
     print(f"schema applied: {settings.db.name}.{settings.outbox.table}; topic {topic}")
     relay = app.App(settings)
     relay_task = asyncio.create_task(relay.run(), name="relay")
-    consumer = loadgen.ServiceB(settings, topic, args.partitions, workload, tracker)
     writers_stop = asyncio.Event()
-    consumer_stop = asyncio.Event()
-    tasks: list[asyncio.Task[None]] = []
     try:
         port = await _wakeup_port(relay, relay_task)
         _on_interrupt(writers_stop)  # after App.run installed its own handlers
-        await consumer.start()
-        tasks.append(asyncio.create_task(consumer.run(consumer_stop), name="service-b"))
-        service_a = loadgen.ServiceA(
-            settings,
-            workload,
-            tracker,
-            rate=args.rate,
-            writers=args.writers,
-            notify_to=f"127.0.0.1:{port}",
-        )
-        tasks.append(asyncio.create_task(service_a.run(writers_stop), name="service-a"))
-        print(_demo_header())
-        started = time.monotonic()
-        await _demo_report(tracker, started, args.duration, writers_stop, relay_task)
-        writers_stop.set()
-        await tasks[-1]
-        drained = await _wait_drained(tracker, DRAIN_WAIT_S, relay_task)
-        elapsed = time.monotonic() - started
+        async with consumer.Consumer(settings, topic, args.partitions, workload, tracker):
+            service_a = loadgen.Writers(
+                settings, workload, tracker, rate=args.rate, notify_to=f"127.0.0.1:{port}"
+            )
+            await service_a.start(args.writers)
+            try:
+                print(_demo_header())
+                started = time.monotonic()
+                await _demo_report(tracker, started, args.duration, writers_stop, relay_task)
+            finally:
+                await service_a.stop()
+            drained = await _wait_drained(tracker, DRAIN_WAIT_S, relay_task)
+            elapsed = time.monotonic() - started
     finally:
-        writers_stop.set()
-        consumer_stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
         relay.request_stop()
         relay_code = await relay_task
         if not args.keep:
             with contextlib.suppress(Exception):
-                await loadgen.delete_topics(settings, [topic])
+                await topics.delete(kafka, [topic])
     summary = tracker.summary()
     print(
-        f"\nsummary: {elapsed:.0f} s, {service_a.transactions} transactions "
-        f"({service_a.rollbacks} rolled back), {summary.committed} events committed, "
+        f"\nsummary: {elapsed:.0f} s, {service_a.stats.transactions} transactions "
+        f"({service_a.stats.rollbacks} rolled back), {summary.committed} events committed, "
         f"{summary.received} received ({summary.committed / max(elapsed, 1e-9):.0f} msg/s), "
         f"{summary.duplicates} duplicates"
     )
@@ -143,13 +106,16 @@ async def demo(settings: config.Settings, args: argparse.Namespace) -> int:
 
 
 async def _wakeup_port(relay: app.App, relay_task: asyncio.Task[int]) -> int:
-    async with asyncio.timeout(60):
-        while True:
-            if relay_task.done():
-                raise RuntimeError(f"relay stopped at start-up (exit {relay_task.result()})")
-            with contextlib.suppress(RuntimeError):
-                return relay.wakeup.port
-            await asyncio.sleep(0.02)
+    def listening() -> bool:
+        if relay_task.done():
+            raise RuntimeError(f"relay stopped at start-up (exit {relay_task.result()})")
+        try:
+            return relay.wakeup.port > 0
+        except RuntimeError:  # not started yet
+            return False
+
+    await polling.wait_until(listening, "the relay's wake-up listener", 60, 0.02)
+    return relay.wakeup.port
 
 
 def _on_interrupt(stop: asyncio.Event) -> None:
@@ -205,124 +171,23 @@ async def _demo_report(
 async def _wait_drained(
     tracker: stats.Tracker, timeout_s: float, relay_task: asyncio.Task[int] | None = None
 ) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while tracker.in_flight and time.monotonic() < deadline:
-        if relay_task is not None and relay_task.done():
-            return False
-        await asyncio.sleep(0.05)
+    """Whether every committed message arrived within ``timeout_s`` (False if the relay died)."""
+
+    def settled() -> bool:
+        return tracker.in_flight == 0 or (relay_task is not None and relay_task.done())
+
+    with contextlib.suppress(TimeoutError):
+        await polling.wait_until(settled, "the relay to drain", timeout_s)
     return tracker.in_flight == 0
 
 
 # -- relay bench: the relay as a separate process ---------------------------------------------
 
 
-def _free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def http_get(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
-    """GET on the relay's probe port (HTTP/1.0, no keep-alive)."""
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
-            await writer.drain()
-            data = await reader.read()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body.decode()
-
-
-class RelayProcess:
-    """``python -m relay run`` with its own RELAY_* settings; CPU and RSS sampled with psutil."""
-
-    def __init__(self, env: dict[str, str], http_port: int, log_path: Path | None) -> None:
-        self._env = env
-        self.http_port = http_port
-        self._log_path = log_path
-        self._proc: asyncio.subprocess.Process | None = None
-        self._ps: psutil.Process | None = None
-        self._sampler: asyncio.Task[None] | None = None
-        self.rss_samples: list[tuple[float, int]] = []
-
-    async def start(self) -> None:
-        out: Any = asyncio.subprocess.DEVNULL
-        if self._log_path is not None:
-            out = self._log_path.open("ab")
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "run", env=self._env, stdout=out, stderr=out
-        )
-        self._ps = psutil.Process(self._proc.pid)
-        self._sampler = asyncio.create_task(self._sample(), name="rss-sampler")
-        async with asyncio.timeout(60):
-            while True:
-                if self._proc.returncode is not None:
-                    raise RuntimeError(f"relay exited at start-up ({self._proc.returncode})")
-                with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
-                    status, _ = await http_get(self.http_port, "/readyz", 2.0)
-                    if status == 200:
-                        return
-                await asyncio.sleep(0.1)
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None  # noqa: S101 - started
-        return self._proc.pid
-
-    async def _sample(self) -> None:
-        assert self._ps is not None  # noqa: S101 - started
-        started = time.monotonic()
-        with contextlib.suppress(psutil.Error):
-            while True:
-                self.rss_samples.append((time.monotonic() - started, self._ps.memory_info().rss))
-                await asyncio.sleep(0.5)
-
-    def cpu_s(self) -> float:
-        assert self._ps is not None  # noqa: S101 - started
-        times = self._ps.cpu_times()
-        return float(times.user + times.system)
-
-    def peak_rss_mb(self, since_s: float = 0.0) -> float:
-        values = [rss for t, rss in self.rss_samples if t >= since_s]
-        return max(values, default=0) / 2**20
-
-    def uptime_s(self) -> float:
-        return self.rss_samples[-1][0] if self.rss_samples else 0.0
-
-    async def metrics(self) -> str:
-        status, body = await http_get(self.http_port, "/metrics")
-        if status != 200:
-            raise RuntimeError(f"/metrics answered {status}")
-        return body
-
-    async def stop(self) -> int:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            await asyncio.gather(self._sampler, return_exceptions=True)
-        if self._proc is None:
-            return 0
-        if self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(30):
-                    await self._proc.wait()
-            except TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
-        return self._proc.returncode or 0
-
-
 class Window:
     """Relay CPU time and metrics between two moments."""
 
-    def __init__(self, relay: RelayProcess) -> None:
+    def __init__(self, relay: processes.RelayProcess) -> None:
         self._relay = relay
         self.t0 = 0.0
         self.cpu0 = 0.0
@@ -362,23 +227,22 @@ class Window:
         }
 
 
-def _relay_env(settings: config.Settings, database: str, topic: str) -> tuple[dict[str, str], int]:
-    http_port = _free_port(socket.SOCK_STREAM)
-    env = dict(os.environ)
-    env.update(
-        {
-            "RELAY_DB__NAME": database,
-            "RELAY_OUTBOX__TOPIC_TEMPLATE": topic,
-            "RELAY_HTTP__HOST": "127.0.0.1",
-            "RELAY_HTTP__PORT": str(http_port),
-            "RELAY_WAKEUP__ENABLED": "true",
-            "RELAY_WAKEUP__HOST": "127.0.0.1",
-            "RELAY_WAKEUP__PORT": str(_free_port(socket.SOCK_DGRAM)),
-            "RELAY_LOG__FORMAT": "json",
-            "RELAY_LOG__LEVEL": settings.log.level,
-        }
-    )
-    return env, http_port
+def _relay_env(settings: config.Settings, database_name: str, topic: str) -> dict[str, str]:
+    """This process's environment (its RELAY_* settings included) plus the bench's own."""
+    return {
+        **os.environ,
+        **processes.settings_env(
+            db__name=database_name,
+            outbox__topic_template=topic,
+            http__host="127.0.0.1",
+            http__port=net.free_port(),
+            wakeup__enabled="true",
+            wakeup__host="127.0.0.1",
+            wakeup__port=net.free_port(socket.SOCK_DGRAM),
+            log__format="json",
+            log__level=settings.log.level,
+        ),
+    }
 
 
 def _delivery(summary: stats.Summary) -> dict[str, Any]:
@@ -390,7 +254,9 @@ def _delivery(summary: stats.Summary) -> dict[str, Any]:
         "rolled_back_delivered": summary.leaked,
         "duplicates": summary.duplicates,
         "order_violations": summary.order_violations,
+        "split_keys": summary.split_keys,
         "foreign": summary.foreign,
+        "order_violation_examples": summary.order_violation_examples,
     }
 
 
@@ -402,6 +268,7 @@ class Bench:
         self.run_id = uuid.uuid4().hex[:8]
         self.database = f"outbox_bench_{self.run_id}"
         self.settings = loadgen.with_database(settings, self.database)
+        self.kafka = topics.client_options(settings)
         self.topics: list[str] = []
         self.report: dict[str, Any] = {
             "version": __version__,
@@ -428,18 +295,23 @@ class Bench:
     def _workload(self) -> loadgen.Workload:
         return loadgen.Workload(aggregates=self.args.aggregates, event_bytes=self.args.event_bytes)
 
+    def _consumer(
+        self, topic: str, workload: loadgen.Workload, tracker: stats.Tracker
+    ) -> consumer.Consumer:
+        return consumer.Consumer(self.settings, topic, self.args.partitions, workload, tracker)
+
     async def _topic(self, kind: str) -> str:
         topic = f"bench.{self.run_id}.{kind}"
-        await loadgen.create_topic(self.settings, topic, self.args.partitions)
+        await topics.create(self.kafka, topic, self.args.partitions)
         self.topics.append(topic)
         return topic
 
     async def run(self) -> bool:
         mode = self.args.mode
         ok = True
-        await loadgen.create_database(self.settings, self.database, exist_ok=False)
+        await database.create(self.settings, self.database, exist_ok=False)
         try:
-            await loadgen.prepare_database(self.settings, self.args.aggregates)
+            await database.prepare(self.settings, self.args.aggregates)
             if self.args.retained_published:
                 rate = await loadgen.preload_published(
                     self.settings, self._workload(), self.args.retained_published
@@ -458,9 +330,9 @@ class Bench:
         finally:
             if not self.args.keep:
                 with contextlib.suppress(Exception):
-                    await loadgen.drop_database(self.settings, self.database)
+                    await database.drop(self.settings, self.database)
                 with contextlib.suppress(Exception):
-                    await loadgen.delete_topics(self.settings, self.topics)
+                    await topics.delete(self.kafka, self.topics)
         self.report["ok"] = ok
         return ok
 
@@ -470,15 +342,24 @@ class Bench:
         log.info("bench_raw", messages=messages, topic=topic)
         return await loadgen.produce_raw(self.settings, topic, self._workload(), messages)
 
-    async def _start(self, topic: str) -> tuple[RelayProcess, str]:
-        env, http_port = _relay_env(self.settings, self.database, topic)
-        relay = RelayProcess(env, http_port, self.args.relay_log)
-        await relay.start()
-        log.info("bench_relay_started", pid=relay.pid, http_port=http_port)
+    async def _start(self, topic: str) -> tuple[processes.RelayProcess, str]:
+        """The relay under test, ready; and its wake-up port."""
+        env = _relay_env(self.settings, self.database, topic)
+        relay = processes.RelayProcess(
+            "relay", env, int(env["RELAY_HTTP__PORT"]), self.args.relay_log
+        )
+        relay.start()
+        relay.start_sampling()
+        try:
+            await relay.wait_ready()
+        except BaseException:
+            await relay.stop()
+            raise
+        log.info("bench_relay_started", pid=relay.pid, http_port=relay.http_port)
         return relay, env["RELAY_WAKEUP__PORT"]
 
-    async def _idle(self, relay: RelayProcess) -> float:
-        """Relay CPU in % of one core over a quiet period."""
+    async def _idle(self, relay: processes.RelayProcess) -> float:
+        """Relay CPU in % of one core over a quiet period (wall time is what is measured)."""
         await asyncio.sleep(1.0)
         cpu0, t0 = relay.cpu_s(), time.monotonic()
         await asyncio.sleep(self.args.idle_seconds)
@@ -487,56 +368,48 @@ class Bench:
     async def rate(self) -> bool:
         topic = await self._topic("rate")
         workload, tracker = self._workload(), stats.Tracker()
-        consumer = loadgen.ServiceB(self.settings, topic, self.args.partitions, workload, tracker)
-        await consumer.start()
-        consumer_stop, writers_stop = asyncio.Event(), asyncio.Event()
-        consumer_task = asyncio.create_task(consumer.run(consumer_stop), name="service-b")
-        relay, wakeup_port = await self._start(topic)
-        try:
-            idle = await self._idle(relay)
-            window = Window(relay)
-            await window.open()
-            service_a = loadgen.ServiceA(
-                self.settings,
-                workload,
-                tracker,
-                rate=self.args.rate,
-                writers=self.args.writers,
-                notify_to=f"127.0.0.1:{wakeup_port}",
-            )
-            log.info("bench_rate", rate=self.args.rate, duration_s=self.args.duration)
-            writing = asyncio.create_task(service_a.run(writers_stop), name="service-a")
-            await asyncio.sleep(self.args.duration)
-            writers_stop.set()
-            await writing
-            load_s = time.monotonic() - window.t0
-            drained = await _wait_drained(tracker, DRAIN_WAIT_S)
-            measured = await window.close()
-        finally:
-            writers_stop.set()
-            consumer_stop.set()
-            relay_code = await relay.stop()
-            await asyncio.gather(consumer_task, return_exceptions=True)
+        async with self._consumer(topic, workload, tracker):
+            relay, wakeup_port = await self._start(topic)
+            try:
+                idle = await self._idle(relay)
+                window = Window(relay)
+                await window.open()
+                service_a = loadgen.Writers(
+                    self.settings,
+                    workload,
+                    tracker,
+                    rate=self.args.rate,
+                    notify_to=f"127.0.0.1:{wakeup_port}",
+                )
+                log.info("bench_rate", rate=self.args.rate, duration_s=self.args.duration)
+                await service_a.start(self.args.writers)
+                try:
+                    await asyncio.sleep(self.args.duration)  # the load period: wall time
+                finally:
+                    await service_a.stop()
+                load_s = time.monotonic() - window.t0
+                drained = await _wait_drained(tracker, DRAIN_WAIT_S)
+                measured = await window.close()
+            finally:
+                relay_code = await relay.stop()
         summary = tracker.summary()
-        samples = relay.rss_samples
         self.report["rate"] = {
             "target_msg_per_s": self.args.rate,
             "achieved_msg_per_s": summary.committed / load_s,
             "received_msg_per_s": summary.received / measured["seconds"],
             "load_seconds": load_s,
-            "transactions": service_a.transactions,
-            "rolled_back_transactions": service_a.rollbacks,
-            "writer_errors": service_a.errors,
-            "skipped_ticks": service_a.skipped,
+            "transactions": service_a.stats.transactions,
+            "rolled_back_transactions": service_a.stats.rollbacks,
+            "writer_errors": len(service_a.errors),
+            "skipped_ticks": service_a.stats.skipped,
             "drained": drained,
             "latency_from_tx_start_ms": summary.latency_from_start_ms,
             "latency_from_commit_ms": summary.latency_from_commit_ms,
             **_delivery(summary),
-            "order_violation_examples": tracker.violation_examples,
             "relay": {
                 "exit_code": relay_code,
                 "idle_cpu_percent": idle,
-                "rss_mb_series": _downsample(samples, 5.0),
+                "rss_mb_series": _downsample(relay.rss_samples, 5.0),
                 **measured,
             },
         }
@@ -545,34 +418,31 @@ class Bench:
     async def drain(self) -> bool:
         topic = await self._topic("drain")
         workload, tracker = self._workload(), stats.Tracker()
-        rows = self.args.rows
+        rows: int = self.args.rows
         log.info("bench_preload", rows=rows)
         preload_rate = await loadgen.preload_new(self.settings, workload, tracker, rows)
-        consumer = loadgen.ServiceB(self.settings, topic, self.args.partitions, workload, tracker)
-        await consumer.start()
-        consumer_stop = asyncio.Event()
-        consumer_task = asyncio.create_task(consumer.run(consumer_stop), name="service-b")
-        relay, _ = await self._start(topic)
-        try:
-            window = Window(relay)
-            await window.open()
-            start_published = stats.parse_counter(window.metrics0, PUBLISHED_METRIC)
-            log.info("bench_drain", rows=rows, already_published=start_published)
-            deadline = time.monotonic() + self.args.drain_timeout
-            while time.monotonic() < deadline:
-                text = await relay.metrics()
-                if stats.parse_counter(text, PUBLISHED_METRIC) >= rows:
-                    break
-                await asyncio.sleep(0.1)
-            published_s = time.monotonic() - window.t0
-            measured = await window.close()
-            drained = await _wait_drained(tracker, DRAIN_WAIT_S)
-            received_s = consumer.last_receipt - window.t0
-            idle = await self._idle(relay)
-        finally:
-            consumer_stop.set()
-            relay_code = await relay.stop()
-            await asyncio.gather(consumer_task, return_exceptions=True)
+        async with self._consumer(topic, workload, tracker) as service_b:
+            relay, _ = await self._start(topic)
+            try:
+                window = Window(relay)
+                await window.open()
+                start_published = stats.parse_counter(window.metrics0, PUBLISHED_METRIC)
+                log.info("bench_drain", rows=rows, already_published=start_published)
+
+                async def published_all() -> bool:
+                    return stats.parse_counter(await relay.metrics(), PUBLISHED_METRIC) >= rows
+
+                with contextlib.suppress(TimeoutError):  # judged by `drained` below
+                    await polling.wait_until(
+                        published_all, "the backlog to be published", self.args.drain_timeout, 0.1
+                    )
+                published_s = time.monotonic() - window.t0
+                measured = await window.close()
+                drained = await _wait_drained(tracker, DRAIN_WAIT_S)
+                received_s = service_b.last_receipt - window.t0
+                idle = await self._idle(relay)
+            finally:
+                relay_code = await relay.stop()
         summary = tracker.summary()
         counted = rows - start_published
         self.report["drain"] = {
@@ -585,7 +455,6 @@ class Bench:
             "all_received_seconds": received_s,
             "drained": drained,
             **_delivery(summary),
-            "order_violation_examples": tracker.violation_examples,
             "relay": {"exit_code": relay_code, "idle_cpu_percent": idle, **measured},
         }
         return summary.ok and drained and relay_code == 0
