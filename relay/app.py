@@ -11,9 +11,10 @@ dies unexpectedly stops the whole daemon with exit code 1 so that its supervisor
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
+import functools
 import signal
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -22,34 +23,59 @@ from relay import (
     backlog,
     cleaner,
     config,
-    db,
+    errors,
     http,
     metrics,
     pacing,
+    preflight,
     publisher,
-    store,
     wakeup,
     worker,
 )
 
 log = structlog.get_logger(__name__)
 
+# The health loop asks Kafka for metadata every this many seconds (ticks).
+KAFKA_PROBE_EVERY = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Dependencies:
+    """What the daemon talks to, when not the real servers (unit tests pass fakes)."""
+
+    producer_factory: Callable[[], Any] | None = None
+    store: Any = None  # store.Claiming and store.Observing
+    connect: worker.Connect | None = None  # a connection with autocommit off
+    verify: Callable[[], Awaitable[None]] | None = None  # the start-up check
+
 
 class App:
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(self, settings: config.Settings, deps: Dependencies | None = None) -> None:
+        deps = deps or Dependencies()
         self.settings = settings
         self.stop = asyncio.Event()
         self.waker = pacing.Waker()
-        self.publisher = publisher.Publisher(settings)
+        self.publisher = publisher.Publisher(settings, deps.producer_factory)
         self.heartbeat = http.Heartbeat()
         self.http_server = http.ProbeServer(settings.http, self.heartbeat, self.readiness)
         self.wakeup = wakeup.Listener(settings.wakeup, self.waker)
         self.workers = [
-            worker.Worker(f"worker-{i}", settings, self.publisher, self.stop, self.waker)
+            worker.Worker(
+                f"worker-{i}",
+                settings,
+                self.publisher,
+                self.stop,
+                self.waker,
+                store_=deps.store,
+                connect=deps.connect,
+            )
             for i in range(settings.worker.count)
         ]
-        self._store = store.Store(settings.outbox.table)
+        self._deps = deps
         self._tasks: list[asyncio.Task[None]] = []
+        self._startup_problem = "starting"
+        self._kafka_problem = ""
+        self._health_ticks = 0
 
     def request_stop(self) -> None:
         if not self.stop.is_set():
@@ -83,12 +109,18 @@ class App:
         )
         exit_code = 0
         try:
-            if await self._connect_kafka():
+            exit_code = await self._verify_database()
+            if exit_code == 0 and await self._connect_kafka():
+                await self._check_dead_letter_topic()
                 for w in self.workers:
                     self._spawn(w.name, w.run())
                 if self.settings.cleaner.enabled:
                     self._spawn("cleaner", cleaner.Cleaner(self.settings, self.stop).run())
-                self._spawn("backlog", backlog.BacklogSampler(self.settings, self.stop).run())
+                sampler = backlog.BacklogSampler(
+                    self.settings, self.stop, store_=self._deps.store, connect=self._deps.connect
+                )
+                self._spawn("backlog", sampler.run())
+                self._spawn("health", pacing.periodic("health", self.stop, 1.0, self._health))
                 log.info("relay_started")
                 exit_code = await self._supervise()
         finally:
@@ -98,18 +130,83 @@ class App:
     def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
+    def _backoff(self) -> pacing.Backoff:
+        w = self.settings.worker
+        return pacing.Backoff(w.backoff_initial_s, w.backoff_max_s)
+
+    async def _verify_database(self) -> int:
+        """Schema version and grants, before any work: exit code 4 naming what is missing.
+
+        An unreachable database is retried (it may be starting) until a stop is requested.
+        """
+        backoff = self._backoff()
+        while not self.stop.is_set():
+            try:
+                await (self._deps.verify or functools.partial(preflight.verify, self.settings))()
+            except errors.MissingError as exc:
+                log.error("database_not_ready_for_relay", problem=str(exc))  # noqa: TRY400 - expected
+                return errors.ExitCode.MISSING
+            except Exception as exc:
+                if errors.classify(exc) is errors.Kind.BUG:
+                    raise
+                self._startup_problem = "database_unreachable"
+                log.warning("database_check_failed", error=errors.one_line(exc))
+                await pacing.sleep_unless(self.stop, backoff.next_delay_s())
+            else:
+                self._startup_problem = ""
+                return 0
+        return 0
+
     async def _connect_kafka(self) -> bool:
         """Start the producer, retrying until it works or a stop is requested."""
-        backoff = pacing.Backoff(self.settings.worker.backoff_initial_s, 5.0)
+        backoff = self._backoff()
         while not self.stop.is_set():
             try:
                 await self.publisher.start()
-            except Exception as exc:  # noqa: BLE001 - keep trying; the broker may come back
-                log.warning("kafka_connect_failed", error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                if errors.classify(exc) is errors.Kind.BUG:
+                    raise
+                log.warning("kafka_connect_failed", error=errors.one_line(exc))
                 await pacing.sleep_unless(self.stop, backoff.next_delay_s())
             else:
                 return True
         return False
+
+    async def _check_dead_letter_topic(self) -> None:
+        """A missing dead-letter topic is the operator's to fix: said loudly, not fatal (failed
+        rows are still marked, with the copy's error in ``last_error``)."""
+        topic = self.settings.outbox.dead_letter_topic
+        if not topic:
+            return
+        try:
+            missing = await self.publisher.missing_topics({topic})
+        except Exception as exc:
+            if errors.classify(exc) is errors.Kind.BUG:
+                raise
+            log.warning("dead_letter_topic_unchecked", topic=topic, error=errors.one_line(exc))
+            return
+        if missing:
+            log.error("dead_letter_topic_missing", topic=topic)
+
+    async def _health(self) -> None:
+        """Every second: the ready gauge; every ``KAFKA_PROBE_EVERY`` seconds: ask Kafka for
+        metadata (an idle relay's workers do not talk to Kafka)."""
+        self._health_ticks += 1
+        if self.publisher.started and self._health_ticks % KAFKA_PROBE_EVERY == 1:
+            try:
+                async with asyncio.timeout(self.settings.kafka.request_timeout_s):
+                    await self.publisher.producer.client.fetch_all_metadata()
+            except Exception as exc:
+                if errors.classify(exc) is errors.Kind.BUG:
+                    raise
+                if not self._kafka_problem:
+                    log.warning("kafka_unreachable", error=errors.one_line(exc))
+                self._kafka_problem = "unreachable"
+            else:
+                if self._kafka_problem:
+                    log.info("kafka_reachable")
+                self._kafka_problem = ""
+        metrics.ready.set(int(not await self.readiness()))
 
     async def _supervise(self) -> int:
         stopped = asyncio.create_task(self.stop.wait(), name="stop-wait")
@@ -123,7 +220,7 @@ class App:
             return 0
         for task in done:
             error = task.exception() if not task.cancelled() else None
-            log.error("task_died", task=task.get_name(), error=repr(error))
+            log.error("task_died", task=task.get_name(), error=repr(error), exc_info=error)
             metrics.loop_errors.labels(task.get_name().split("-")[0]).inc()
         self.request_stop()
         return 1
@@ -138,9 +235,11 @@ class App:
                 log.warning("task_cancelled_at_deadline", task=task.get_name())
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
+        try:
             async with asyncio.timeout(deadline):
                 await self.publisher.stop()
+        except Exception as exc:  # noqa: BLE001 - reported; the process is ending anyway
+            log.error("producer_flush_failed", error=errors.one_line(exc))  # noqa: TRY400
         self.wakeup.stop()
         await self.http_server.stop()
         log.info(
@@ -150,23 +249,15 @@ class App:
         )
 
     async def readiness(self) -> dict[str, str]:
-        """Problems that make this relay unable to work right now (empty when ready)."""
+        """Problems that make this relay unable to work right now, as short reason codes (empty
+        when ready). Answered from the state the loops keep; the details are in their logs."""
         problems: dict[str, str] = {}
-        try:
-            async with asyncio.timeout(3):
-                conn = await db.connect(self.settings)
-                try:
-                    await self._store.ping(conn)
-                finally:
-                    db.close(conn)
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            problems["mysql"] = f"{type(exc).__name__}: {exc}"
+        if self._startup_problem:
+            problems["startup"] = self._startup_problem
+        if not all(w.ready for w in self.workers):
+            problems["workers"] = "cycles_failing"
         if not self.publisher.started:
-            problems["kafka"] = "producer not connected"
-        else:
-            try:
-                async with asyncio.timeout(3):
-                    await self.publisher.producer.client.fetch_all_metadata()
-            except Exception as exc:  # noqa: BLE001 - any failure means not ready
-                problems["kafka"] = f"{type(exc).__name__}: {exc}"
+            problems["kafka"] = "not_connected"
+        elif self._kafka_problem:
+            problems["kafka"] = self._kafka_problem
         return problems

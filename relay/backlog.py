@@ -1,16 +1,25 @@
-"""Samples the backlog (new rows, age of the oldest) and failed rows into gauges."""
+"""Samples the backlog (new rows, age of the oldest), failed rows and holds into gauges."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from relay import config, db, metrics, pacing, store
 
 
 class BacklogSampler:
-    def __init__(self, settings: config.Settings, stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        settings: config.Settings,
+        stop: asyncio.Event,
+        *,
+        store_: store.Observing | None = None,
+        connect: Callable[[], Awaitable[db.Connection]] | None = None,
+    ) -> None:
         self._settings = settings
-        self._store = store.Store(settings.outbox.table)
+        self._store: store.Observing = store_ or store.Store(settings.outbox.table)
+        self._connect = connect or (lambda: db.connect(settings))
         self._stop = stop
         self._conn: db.Connection | None = None
 
@@ -30,13 +39,14 @@ class BacklogSampler:
             self._conn = None
             raise
 
-    async def sample(self) -> tuple[int, float, int]:
+    async def sample(self) -> store.Backlog:
         if self._conn is None:
-            self._conn = await db.connect(self._settings)
-        rows, age_s, failed = await self._store.backlog(
-            self._conn, self._settings.backlog.count_cap
-        )
-        metrics.backlog_rows.set(rows)
-        metrics.backlog_oldest_age.set(age_s)
-        metrics.failed_rows.set(failed)
-        return rows, age_s, failed
+            self._conn = await self._connect()
+        backlog = await self._store.backlog(self._conn, self._settings.backlog.count_cap)
+        metrics.backlog_rows.set(backlog.new)
+        metrics.backlog_oldest_age.set(backlog.oldest_age_s)
+        metrics.failed_rows.set(backlog.failed)
+        metrics.held_rows.set(backlog.held)
+        for kind in metrics.HOLD_KINDS:
+            metrics.held_aggregates.labels(kind).set(backlog.holds.get(kind, 0))
+        return backlog

@@ -1,9 +1,10 @@
 """The cleaner loop: deletes published rows older than the retention, one replica at a time.
 
 Each run takes a MySQL named lock (``GET_LOCK``) on its own connection; replicas that do not get
-it skip the run. Rows are deleted in small chunks found through ``ix_clean`` (status,
-published_at) and deleted in primary-key order, one short transaction per chunk. New and failed
-rows are never touched: every statement requires ``status = 'published'``.
+it skip the run. Published rows are found in small chunks through ``ix_clean`` (status,
+published_at), then skipped rows (by ``resolved_at``; they are few), and deleted in primary-key
+order, one short transaction per chunk. New, held and failed rows are never touched: every
+delete requires the row's final status.
 """
 
 from __future__ import annotations
@@ -52,15 +53,17 @@ class Cleaner:
         return deleted
 
     async def _delete_chunks(self, conn: db.Connection) -> int:
+        """Published rows, then skipped ones: one statement per status, each on its index."""
         total = 0
-        for _ in range(self._cleaner.max_chunks_per_run):
-            if self._stop.is_set():
-                break
-            deleted = await self._store.delete_expired(
-                conn, self._cleaner.retention_s, self._cleaner.chunk_size
-            )
-            total += deleted
-            metrics.cleaner_deleted.inc(deleted)
-            if deleted < self._cleaner.chunk_size:
-                break
+        chunks = 0
+        for status in ("published", "skipped"):
+            while chunks < self._cleaner.max_chunks_per_run and not self._stop.is_set():
+                chunks += 1
+                deleted = await self._store.delete_expired(
+                    conn, self._cleaner.retention_s, self._cleaner.chunk_size, status
+                )
+                total += deleted
+                metrics.cleaner_deleted.inc(deleted)
+                if deleted < self._cleaner.chunk_size:
+                    break
         return total

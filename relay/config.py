@@ -161,6 +161,8 @@ class HttpSettings(pydantic.BaseModel):
     host: str = "0.0.0.0"  # noqa: S104 - a daemon's probe port listens on the pod IP
     port: ListenPort = 9108
     liveness_stale_s: PositiveFloat = 30.0
+    max_connections: Annotated[int, pydantic.Field(ge=1)] = 16
+    request_timeout_s: PositiveFloat = 5.0
     # Old names of RELAY_BACKLOG__SAMPLE_INTERVAL_S and RELAY_BACKLOG__COUNT_CAP, still honoured.
     backlog_sample_interval_s: PositiveFloat | None = None
     backlog_count_cap: Annotated[int, pydantic.Field(ge=1)] | None = None
@@ -181,8 +183,9 @@ class WakeupSettings(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     enabled: bool = False
-    host: str = "0.0.0.0"  # noqa: S104 - writers in other pods send datagrams here
+    host: str = "127.0.0.1"  # a sidecar's writers; "0.0.0.0" for writers in other pods
     port: ListenPort = 9109
+    min_interval_s: Annotated[float, pydantic.Field(ge=0)] = 0.01
 
 
 class LogSettings(pydantic.BaseModel):

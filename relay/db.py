@@ -11,10 +11,14 @@ import aiomysql
 from relay import config, store
 
 Connection = Any  # aiomysql.Connection is untyped
+ConnectionContext = contextlib.AbstractAsyncContextManager[Connection]
 
 
-async def connect(settings: config.Settings, *, autocommit: bool = True) -> Connection:
-    """A connection set up for the relay: READ COMMITTED, UTC, a bounded lock wait."""
+async def connect(
+    settings: config.Settings, *, autocommit: bool = True, lock_wait_timeout_s: float | None = None
+) -> Connection:
+    """A connection set up for the relay: READ COMMITTED, UTC, a bounded lock wait (by default
+    ``RELAY_WORKER__LOCK_WAIT_TIMEOUT_S``)."""
     db = settings.db
     conn = await aiomysql.connect(
         host=db.host,
@@ -28,7 +32,7 @@ async def connect(settings: config.Settings, *, autocommit: bool = True) -> Conn
     )
     try:
         await store.Store(settings.outbox.table).prepare_session(
-            conn, lock_wait_timeout_s=settings.worker.lock_wait_timeout_s
+            conn, lock_wait_timeout_s=lock_wait_timeout_s or settings.worker.lock_wait_timeout_s
         )
     except BaseException:
         conn.close()
@@ -38,10 +42,10 @@ async def connect(settings: config.Settings, *, autocommit: bool = True) -> Conn
 
 @contextlib.asynccontextmanager
 async def connection(
-    settings: config.Settings, *, autocommit: bool = True
+    settings: config.Settings, *, autocommit: bool = True, lock_wait_timeout_s: float | None = None
 ) -> AsyncIterator[Connection]:
     """``async with db.connection(settings) as conn:`` a relay connection, closed afterwards."""
-    conn = await connect(settings, autocommit=autocommit)
+    conn = await connect(settings, autocommit=autocommit, lock_wait_timeout_s=lock_wait_timeout_s)
     try:
         yield conn
     finally:

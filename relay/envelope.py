@@ -14,6 +14,11 @@ from relay import config
 
 # Bytes a record costs on the wire beyond key, value and headers (record batch framing).
 RECORD_OVERHEAD_BYTES = 128
+# Headers the relay sets on every record; a row's own headers may not repeat them.
+RESERVED_HEADERS = frozenset({"message_id", "event_type", "aggregate_type"})
+
+# The unit of order and of holding: (aggregate_type, aggregate_id), compared as bytes.
+AggregateKey = tuple[str, str]
 
 
 class Row(NamedTuple):
@@ -32,11 +37,17 @@ class Row(NamedTuple):
     topic: str | None
     source_table: str | None
     event_us: int
+    shard: int = 0
+
+    @property
+    def aggregate(self) -> AggregateKey:
+        return (self.aggregate_type, self.aggregate_id)
 
 
 @dataclasses.dataclass(slots=True)
 class Record:
     row_id: int
+    aggregate: AggregateKey
     topic: str
     key: bytes
     value: bytes
@@ -71,6 +82,10 @@ class Formatter:
         )
 
     def topic(self, row: Row) -> str:
+        if not row.topic and row.source_table is None and "{source_table}" in self.topic_template:
+            raise PoisonRowError(
+                "bad_row", "the topic template needs source_table, which the row leaves NULL"
+            )
         topic = row.topic or self.topic_template.format(
             aggregate_type=row.aggregate_type,
             event_type=row.event_type,
@@ -94,10 +109,12 @@ class Formatter:
                 f"record of {size} bytes exceeds RELAY_KAFKA__MAX_REQUEST_BYTES "
                 f"({self.max_record_bytes + RECORD_OVERHEAD_BYTES} incl. overhead)",
             )
-        return Record(row.id, self.topic(row), key, value, headers, row.event_us)
+        return Record(row.id, row.aggregate, self.topic(row), key, value, headers, row.event_us)
 
     def envelope(self, row: Row, capture_us: int) -> bytes:
         """The design note's domain event: pk, op, before, after, source, event and capture time."""
+        before = _json_fragment("before_state", row.before_state)
+        after = _json_fragment("after_state", row.after_state)
         doc: dict[str, object] = {
             "message_id": row.message_id,
             "aggregate_type": row.aggregate_type,
@@ -105,21 +122,14 @@ class Formatter:
             "event_type": row.event_type,
             "op": row.op,
             "pk": row.aggregate_id,
-            # JSON columns hold valid JSON (the server checks it): embed without re-parsing.
-            "before": orjson.Fragment(row.before_state) if row.before_state is not None else None,
-            "after": orjson.Fragment(row.after_state) if row.after_state is not None else None,
+            "before": before,
+            "after": after,
             "source": {"db": self.source_db, "table": row.source_table, "ts_us": row.event_us},
             "event_time_us": row.event_us,
             "capture_time_us": capture_us,
         }
         if row.payload is not None:
-            try:
-                orjson.loads(row.payload)
-            except orjson.JSONDecodeError as exc:
-                raise PoisonRowError(
-                    "bad_row", f"payload is not JSON, so it cannot go in the envelope: {exc}"
-                ) from None
-            doc["payload"] = orjson.Fragment(row.payload)
+            doc["payload"] = _json_fragment("payload", row.payload)
         return orjson.dumps(doc)
 
     @staticmethod
@@ -138,9 +148,28 @@ class Formatter:
         if not isinstance(extra, dict):
             raise PoisonRowError("bad_headers", "headers must be a JSON object of strings")
         for name, value in extra.items():
+            if name in RESERVED_HEADERS:
+                raise PoisonRowError(
+                    "bad_headers", f"header {name!r} is set by the relay; rename it in the row"
+                )
             if not isinstance(value, str):
                 raise PoisonRowError(
                     "bad_headers", f"header {name!r} must be a string, not {type(value).__name__}"
                 )
             headers.append((name, value.encode()))
         return headers
+
+
+def _json_fragment(column: str, text: str | bytes | None) -> orjson.Fragment | None:
+    """The column's JSON, checked strictly and embedded as is.
+
+    The server's check is not enough: MariaDB's JSON_VALID accepts ``{"a":"\\q","b":1.}``,
+    which consumers' parsers refuse.
+    """
+    if text is None:
+        return None
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise PoisonRowError("bad_json", f"{column} is not valid JSON: {exc}") from None
+    return orjson.Fragment(text)

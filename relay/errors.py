@@ -65,6 +65,8 @@ class MissingError(RelayError):
 # 1044/1045 access denied, 1142/1143 table/column command denied, 1146 table missing,
 # 1054 unknown column, 1227 privilege needed, 1370 routine denied.
 MYSQL_OPERATIONAL = frozenset({1044, 1045, 1054, 1142, 1143, 1146, 1227, 1370})
+# The statement's privilege is missing: at start-up, "missing grants" (exit 4).
+MYSQL_DENIED = frozenset({1142, 1143, 1227, 1370})
 # Passing by themselves: lock wait timeout, deadlock, read-only after a failover (1290, 1836),
 # too many connections, server shutting down, query interrupted.
 MYSQL_TRANSIENT = frozenset({1205, 1213, 1290, 1836, 1040, 1053, 1317, 2003, 2006, 2013})
@@ -105,6 +107,18 @@ def classify(exc: BaseException) -> Kind:  # noqa: PLR0911 - one return per clas
     if isinstance(exc, ConnectionError | TimeoutError | OSError):
         return Kind.TRANSIENT
     return Kind.BUG
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of a one-shot command that failed with ``exc``; None for a bug."""
+    if isinstance(exc, RelayError):
+        return exc.exit_code
+    errno = mysql_errno(exc)
+    if errno in MYSQL_DENIED or errno in {1146, 1054}:  # grant, table or column missing
+        return ExitCode.MISSING
+    if classify(exc) is Kind.BUG:
+        return None
+    return ExitCode.UNAVAILABLE
 
 
 def one_line(exc: BaseException) -> str:

@@ -1,8 +1,10 @@
 """The HTTP endpoint of the daemon: ``/metrics``, ``/livez`` and ``/readyz``.
 
-A deliberately tiny HTTP/1.0 responder on asyncio streams: three GET paths, no keep-alive.
-``/livez`` answers from the event-loop heartbeat only; ``/readyz`` checks that MySQL and Kafka
-answer right now.
+A deliberately tiny HTTP/1.0 responder on asyncio streams: three GET paths, no keep-alive,
+bounded: a request line and headers of at most ``MAX_REQUEST_BYTES``, ``request_timeout_s`` to
+send them, at most ``max_connections`` at a time (more are answered 503 and closed).
+``/livez`` answers from the event-loop heartbeat only; ``/readyz`` from the state the relay's
+own loops keep (no connection per request), with short reason codes (details are in the logs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from relay import config, pacing
 log = structlog.get_logger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
+MAX_REQUEST_BYTES = 8192
 
 
 class Heartbeat:
@@ -46,6 +49,7 @@ class ProbeServer:
         self._heartbeat = heartbeat
         self._ready = ready
         self._server: asyncio.Server | None = None
+        self._open = 0
 
     @property
     def port(self) -> int:
@@ -56,7 +60,7 @@ class ProbeServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._handle, self._settings.host, self._settings.port
+            self._handle, self._settings.host, self._settings.port, limit=MAX_REQUEST_BYTES
         )
 
     async def stop(self) -> None:
@@ -65,22 +69,53 @@ class ProbeServer:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
         try:
-            async with asyncio.timeout(10):
-                request = await reader.readline()
-                while (await reader.readline()).strip():
-                    pass  # headers are not needed
-                status, content_type, body = await self._route(request)
-            head = (
-                f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
+            if self._open > self._settings.max_connections:
+                await self._respond(writer, ("503 Service Unavailable", "text/plain", b"busy\n"))
+                # read what the client sent, so that closing does not reset the connection
+                # before it reads the answer
+                async with asyncio.timeout(1):
+                    await reader.read(MAX_REQUEST_BYTES)
+                return
+            try:
+                async with asyncio.timeout(self._settings.request_timeout_s):
+                    request = await self._read_request(reader)
+            except ValueError:  # over MAX_REQUEST_BYTES
+                response = ("431 Request Header Fields Too Large", "text/plain", b"too large\n")
+                await self._respond(writer, response)
+                return
+            await self._respond(writer, await self._route(request))
         except (TimeoutError, ConnectionError):
-            pass
+            pass  # a slow or vanished client: nothing to answer
         finally:
+            self._open -= 1
             writer.close()
+
+    @staticmethod
+    async def _read_request(reader: asyncio.StreamReader) -> bytes:
+        """The request line; the headers are read (bounded) and ignored."""
+        total = 0
+        request = await reader.readline()
+        line = request
+        while line.strip():
+            total += len(line)
+            if total > MAX_REQUEST_BYTES:
+                raise ValueError("request too large")
+            line = await reader.readline()
+        return request
+
+    async def _respond(
+        self, writer: asyncio.StreamWriter, response: tuple[str, str, bytes]
+    ) -> None:
+        status, content_type, body = response
+        head = (
+            f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        async with asyncio.timeout(self._settings.request_timeout_s):
+            await writer.drain()
 
     async def _route(self, request: bytes) -> tuple[str, str, bytes]:  # noqa: PLR0911 - router
         parts = request.decode("latin-1").split()

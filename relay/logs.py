@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 from relay import config
 
 
-def configure(settings: config.LogSettings) -> None:
+def configure(
+    settings: config.LogSettings, *, stream: TextIO | None = None, quiet: bool = False
+) -> None:
+    """Logs to ``stream`` (stdout by default); ``quiet``: library logs below CRITICAL dropped
+    (one-shot commands report what went wrong themselves)."""
+    stream = stream or sys.stdout
     level = getattr(logging, settings.level.upper())
     fmt = settings.format
     if fmt == "auto":
-        fmt = "console" if sys.stdout.isatty() else "json"
+        fmt = "console" if stream.isatty() else "json"
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     )
@@ -36,7 +42,7 @@ def configure(settings: config.LogSettings) -> None:
         cache_logger_on_first_use=True,
     )
     # Library logs (aiokafka, aiomysql, asyncio) go through the same renderer.
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -51,4 +57,6 @@ def configure(settings: config.LogSettings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # aiokafka is chatty at INFO about every reconnect; its warnings still come through.
-    logging.getLogger("aiokafka").setLevel(max(level, logging.WARNING))
+    logging.getLogger("aiokafka").setLevel(
+        logging.CRITICAL if quiet else max(level, logging.WARNING)
+    )

@@ -71,7 +71,7 @@ mark_duration = prometheus_client.Histogram(
 )
 backlog_rows = prometheus_client.Gauge(
     f"{PREFIX}_backlog_rows",
-    "Unpublished (new) outbox rows, sampled; saturates at RELAY_HTTP__BACKLOG_COUNT_CAP.",
+    "Unpublished (new) outbox rows, sampled; saturates at RELAY_BACKLOG__COUNT_CAP.",
 )
 backlog_oldest_age = prometheus_client.Gauge(
     f"{PREFIX}_backlog_oldest_age_seconds",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from relay import config, db, envelope, publisher, store
+from relay import config, db, envelope, errors, publisher, queries, store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,61 +14,129 @@ class Result:
     ok: bool
     detail: str
 
+    @property
+    def exit_code(self) -> int:
+        """What a failed check means in the error table: missing (4) or unavailable (3)."""
+        if self.ok:
+            return errors.ExitCode.OK
+        if self.name in ("schema", "grants"):
+            return errors.ExitCode.MISSING
+        return errors.ExitCode.UNAVAILABLE
+
 
 async def run(settings: config.Settings) -> list[Result]:
+    """Every check, for ``relay check``: none raises; each says what it found."""
     results: list[Result] = []
     s = store.Store(settings.outbox.table)
     routes: list[tuple[str, str, str | None, str | None]] = []
     try:
-        conn = await db.connect(settings, autocommit=False)
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
-        results.append(Result("database", False, f"cannot connect: {type(exc).__name__}: {exc}"))
-    else:
-        try:
+        async with db.connection(settings, autocommit=False) as conn:
             results.append(Result("database", True, await s.server_version(conn)))
-            results += await _schema(s, conn)
-            if all(r.ok for r in results):
-                results.append(await _grants(s, conn))
+            problems = await schema_problems(s, conn)
+            results.append(Result("schema", not problems, "; ".join(problems) or _schema_ok(s)))
+            if not problems:
+                problems = await grant_problems(s, conn)
+                detail = "; ".join(problems) or "every statement the relay runs is allowed"
+                results.append(Result("grants", not problems, detail))
                 routes = await s.routing_of_new_rows(conn, 10000)
-        finally:
-            db.close(conn)
+    except Exception as exc:
+        if errors.classify(exc) is errors.Kind.BUG:
+            raise
+        what = "lost during the checks" if results else "cannot connect"
+        results.append(Result("database", False, f"{what}: {errors.one_line(exc)}"))
     results += await _kafka(settings, routes)
     return results
 
 
-async def _schema(s: store.Store, conn: db.Connection) -> list[Result]:
-    columns = await s.columns(conn)
-    if not columns:
-        return [Result("schema", False, f"table {s.table!r} missing: run `relay migrate`")]
-    missing = set(envelope.Row._fields) - {"event_us"} - columns
-    indexes = await s.indexes(conn)
-    missing_ix = store.EXPECTED_INDEXES - indexes
-    shards = await s.shard_rows(conn)
-    problems = []
-    if missing:
-        problems.append(f"missing columns {sorted(missing)}")
-    if missing_ix:
-        problems.append(f"missing indexes {sorted(missing_ix)}")
-    if shards != store.SHARDS:
-        problems.append(f"{shards} shard rows instead of {store.SHARDS}")
+async def verify(settings: config.Settings) -> None:
+    """Start-up check of ``relay run``: raise MissingError naming what is missing.
+
+    Connection failures propagate as they are (the caller retries them).
+    """
+    s = store.Store(settings.outbox.table)
+    async with db.connection(settings, autocommit=False) as conn:
+        problems = await schema_problems(s, conn)
+        if not problems:
+            problems = await grant_problems(s, conn)
     if problems:
-        return [Result("schema", False, "; ".join(problems) + ": run `relay migrate`")]
-    return [Result("schema", True, f"table {s.table}, indexes {sorted(indexes)}")]
+        raise errors.MissingError("; ".join(problems))
 
 
-async def _grants(s: store.Store, conn: db.Connection) -> Result:
-    """Exercise SELECT ... FOR UPDATE, UPDATE and DELETE in a transaction that is rolled back."""
+def _schema_ok(s: store.Store) -> str:
+    return f"table {s.table}, schema version {store.SCHEMA_VERSION}"
+
+
+async def schema_problems(s: store.Store, conn: db.Connection) -> list[str]:
+    """What is missing or unknown in the schema, each with the fix."""
+    tables = await s.existing_tables(conn)
+    if s.table not in tables:
+        return [f"table {s.table!r} missing: run `relay migrate`"]
+    version = await s.schema_version(conn)
+    if version is None:
+        return [f"schema version 1: run `relay migrate` to upgrade to {store.SCHEMA_VERSION}"]
+    if version > store.SCHEMA_VERSION:
+        return [
+            f"schema version {version} is newer than this relay knows ({store.SCHEMA_VERSION}):"
+            " upgrade the relay"
+        ]
+    problems = []
+    if version < store.SCHEMA_VERSION:
+        problems.append(f"schema version {version}: run `relay migrate`")
+    missing_tables = {s.table + sfx for sfx in queries.TABLE_SUFFIXES} - tables
+    if missing_tables:
+        problems.append(f"missing tables {sorted(missing_tables)}: run `relay migrate`")
+        return problems
+    missing = set(envelope.Row._fields) - {"event_us"} - await s.columns(conn)
+    missing_ix = store.EXPECTED_INDEXES - await s.indexes(conn)
+    shards = await s.shard_rows(conn)
+    if missing:
+        problems.append(f"missing columns {sorted(missing)}: run `relay migrate`")
+    if missing_ix:
+        problems.append(f"missing indexes {sorted(missing_ix)}: run `relay migrate`")
+    if shards != store.SHARDS:
+        problems.append(f"{shards} shard rows instead of {store.SHARDS}: run `relay migrate`")
+    return problems
+
+
+async def grant_problems(s: store.Store, conn: db.Connection) -> list[str]:
+    """Run each kind of statement the relay runs, in a transaction that is rolled back.
+
+    Row id 0 and an impossible aggregate never match a row, but the server checks the
+    privilege of every statement all the same.
+    """
+    key = ("\x00relay-check", "\x00")
+    steps = [
+        ("SELECT on the outbox and shard tables", s.ready_shards(conn)),
+        ("locking read (SELECT ... FOR UPDATE) on the shard table", s.lock_shards(conn, [0], 1)),
+        ("SELECT on the hold table", s.holds_of(conn, {key})),
+        ("UPDATE on the outbox table", s.mark_published(conn, [0])),
+        ("INSERT on the hold table", s.add_hold(
+            conn, key, 0, kind="timed", failed_id=None, reason="check", retry_in_s=1.0,
+            exists=False,
+        )),
+        ("UPDATE on the hold table", s.add_hold(
+            conn, key, 0, kind="timed", failed_id=None, reason="check", retry_in_s=1.0,
+            exists=True,
+        )),
+        ("DELETE on the hold table", s.drop_hold(conn, key)),
+        ("UPDATE on the outbox table (holds)", s.park(conn, [0])),
+        ("UPDATE on the shard table", s.count_holds(conn, 0)),
+        ("DELETE on the outbox table", s.delete_ids(conn, [0])),
+    ]  # fmt: skip
+    problems = []
     try:
-        await conn.begin()
-        ready = await s.ready_shards(conn)
-        await s.lock_shards(conn, ready or [0], 1)
-        await s.mark_published(conn, [0])
-        await s.delete_expired(conn, 1e9, 1)
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
-        return Result("grants", False, f"{type(exc).__name__}: {exc}")
+        for what, step in steps:
+            try:
+                await step
+            except Exception as exc:
+                if errors.mysql_errno(exc) not in errors.MYSQL_DENIED:
+                    raise
+                problems.append(f"{what} denied ({errors.one_line(exc)})")
     finally:
+        for _, step in steps:
+            step.close()  # the steps not awaited after a failure
         await conn.rollback()
-    return Result("grants", True, "select, lock, update and delete allowed")
+    return problems
 
 
 async def _kafka(
@@ -80,7 +148,7 @@ async def _kafka(
             await pub.start()
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         await pub.stop()
-        return [Result("kafka", False, f"cannot connect: {type(exc).__name__}: {exc}")]
+        return [Result("kafka", False, f"cannot connect: {errors.one_line(exc)}")]
     try:
         results = [Result("kafka", True, f"connected to {settings.kafka.bootstrap_servers}")]
         formatter = envelope.Formatter.from_settings(settings)

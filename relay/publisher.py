@@ -1,23 +1,36 @@
 """The idempotent Kafka producer and the publishing of one batch of records.
 
-Every record of a batch ends in one of three outcomes: acknowledged, poison (will never succeed
-as it is: mark the row failed) or transient (broker trouble: the row stays new and is retried).
+Every record of a batch gets one :class:`Result`, by position:
+
+- ``ACKED``: Kafka acknowledged it;
+- ``POISON``: it can never be published as it is (too large, invalid topic, rejected);
+- ``HOLD``: an operational error that concerns its topic (missing, not authorized, a broker
+  policy): its aggregate waits behind a timed hold while other aggregates flow;
+- ``RETRY``: a passing failure (timeout, broker unavailable): the row stays new;
+- ``NOT_SENT``: never handed to the producer: the row stays new, no attempt counted.
+
+Ordering: records are enqueued in batch order; nothing is enqueued after an enqueue failure,
+and nothing of an aggregate that already failed in this batch. Records of a produce batch the
+broker refused as too large are retried one by one, in order, on a producer of their own that
+nothing else uses, so that another worker's records can never join the retry; after the first
+refusal of an aggregate its later records are not sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import ssl
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import aiokafka
 import aiokafka.errors
 import orjson
 import structlog
 
-from relay import config, envelope
+from relay import config, envelope, errors
 
 log = structlog.get_logger(__name__)
 
@@ -37,19 +50,51 @@ POISON_ERRORS: dict[type[BaseException], str] = {
     aiokafka.errors.MessageSizeTooLargeError: "too_large",
     aiokafka.errors.RecordTooLargeError: "too_large",
     aiokafka.errors.InvalidTopicError: "invalid_topic",
-    aiokafka.errors.TopicAuthorizationFailedError: "rejected",
     aiokafka.errors.CorruptRecordException: "rejected",
     aiokafka.errors.UnsupportedForMessageFormatError: "rejected",
 }
 
 
-@dataclasses.dataclass(slots=True)
-class Outcome:
-    """What became of each record of a batch, by position."""
+class Status(enum.Enum):
+    ACKED = "acked"
+    POISON = "poison"
+    HOLD = "hold"
+    RETRY = "retry"
+    NOT_SENT = "not_sent"
 
-    acked: list[envelope.Record] = dataclasses.field(default_factory=list)
-    poison: list[tuple[envelope.Record, str, str]] = dataclasses.field(default_factory=list)
-    transient: list[tuple[envelope.Record, str]] = dataclasses.field(default_factory=list)
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    status: Status
+    reason: str = ""  # bounded: a metric label
+    error: str = ""
+
+
+ACKED = Result(Status.ACKED)
+NOT_SENT = Result(Status.NOT_SENT)
+
+
+def sort(exc: BaseException) -> Result:
+    """The result of a record whose send or acknowledgement raised ``exc``."""
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    for kind, reason in POISON_ERRORS.items():
+        if isinstance(exc, kind):
+            return Result(Status.POISON, reason, errors.one_line(exc))
+    if isinstance(exc, errors.KAFKA_OPERATIONAL):
+        return Result(Status.HOLD, "kafka_refused", errors.one_line(exc))
+    return Result(Status.RETRY, "kafka", errors.one_line(exc))
+
+
+class Publishing(Protocol):
+    """What a worker needs of a publisher (the real one, or an in-memory fake in tests)."""
+
+    @property
+    def started(self) -> bool: ...
+
+    async def publish(self, records: Sequence[envelope.Record]) -> list[Result]: ...
+
+    async def dead_letter(self, rows: Sequence[tuple[envelope.Row, str, str]]) -> str | None: ...
 
 
 def producer_options(settings: config.KafkaSettings) -> dict[str, Any]:
@@ -77,13 +122,25 @@ def producer_options(settings: config.KafkaSettings) -> dict[str, Any]:
 
 
 class Publisher:
-    """One idempotent producer per process, shared by its workers."""
+    """One idempotent producer per process, shared by its workers, and a second one, used only
+    to retry the records of a refused produce batch one by one."""
 
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(
+        self,
+        settings: config.Settings,
+        producer_factory: Callable[[], aiokafka.AIOKafkaProducer] | None = None,
+    ) -> None:
         self._settings = settings
+        self._factory = producer_factory or (
+            lambda: aiokafka.AIOKafkaProducer(**producer_options(settings.kafka))
+        )
         self._producer: aiokafka.AIOKafkaProducer | None = None
+        self._solo: aiokafka.AIOKafkaProducer | None = None
         self._dead_letter_topic = settings.outbox.dead_letter_topic
         self._reset_lock = asyncio.Lock()
+        self._solo_lock = asyncio.Lock()
+        self._unsettled: set[asyncio.Future[Any]] = set()
+        self.resets = 0
 
     @property
     def started(self) -> bool:
@@ -93,7 +150,7 @@ class Publisher:
         self._producer = await self._new_producer()
 
     async def _new_producer(self) -> aiokafka.AIOKafkaProducer:
-        producer = aiokafka.AIOKafkaProducer(**producer_options(self._settings.kafka))
+        producer = self._factory()
         try:
             await producer.start()
         except BaseException:
@@ -104,17 +161,23 @@ class Publisher:
     async def reset(self, broken: aiokafka.AIOKafkaProducer) -> None:
         """Replace ``broken`` by a new producer, once, however many workers ask."""
         async with self._reset_lock:
-            if id(self._producer) != id(broken):
+            if broken == self._solo:
+                self._solo = None
+            elif broken == self._producer:
+                log.warning("producer_reset")
+                self.resets += 1
+                self._producer = await self._new_producer()
+            else:
                 return  # already replaced (or stopped)
-            log.warning("producer_reset")
-            self._producer = await self._new_producer()
         await broken.stop()
 
     async def stop(self) -> None:
         """Flush what is buffered and close."""
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
+        producers = [self._producer, self._solo]
+        self._producer = self._solo = None
+        for producer in producers:
+            if producer is not None:
+                await producer.stop()
 
     @property
     def producer(self) -> aiokafka.AIOKafkaProducer:
@@ -134,95 +197,151 @@ class Publisher:
             client.add_topic(topic)
         return unknown - existing
 
-    async def publish(self, records: Sequence[envelope.Record]) -> Outcome:
-        """Send every record and wait for each verdict. The caller bounds this with a timeout."""
-        outcome = Outcome()
+    async def publish(self, records: Sequence[envelope.Record]) -> list[Result]:
+        """Send the records in order and wait for each verdict; the caller bounds the time.
+
+        Raises KafkaError when the cluster cannot be asked which topics exist (nothing was sent
+        then).
+        """
+        if self._unsettled:
+            # Records of an earlier cycle that timed out are still in the producer: send nothing
+            # more until Kafka settled them, so memory stays bounded while a broker stalls.
+            await asyncio.wait(self._unsettled)
+        results = [NOT_SENT] * len(records)
         missing = await self.missing_topics({r.topic for r in records})
         producer = self.producer
-        pending: list[tuple[envelope.Record, asyncio.Future[Any]]] = []
-        for record in records:
+        pending = await self._enqueue(producer, records, missing, results)
+        outcomes = await self._settle([f for _, f in pending])
+        suspects: list[int] = []
+        reset = False
+        for (i, _), outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, TOO_LARGE_ERRORS):
+                suspects.append(i)  # its produce batch was refused; maybe not for it
+            elif isinstance(outcome, BaseException):
+                results[i] = sort(outcome)
+            else:
+                results[i] = ACKED
+            reset = reset or isinstance(outcome, RESET_ERRORS)
+        if reset:
+            await self.reset(producer)
+        if suspects:
+            await self._send_alone([records[i] for i in suspects], suspects, results)
+        return results
+
+    @staticmethod
+    async def _enqueue(
+        producer: aiokafka.AIOKafkaProducer,
+        records: Sequence[envelope.Record],
+        missing: set[str],
+        results: list[Result],
+    ) -> list[tuple[int, asyncio.Future[Any]]]:
+        """Hand the records to the producer in order; the rule of the module's docstring."""
+        stopped: set[envelope.AggregateKey] = set()
+        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        for i, record in enumerate(records):
+            if record.aggregate in stopped:
+                continue
             if record.topic in missing:
-                outcome.poison.append((record, "unknown_topic", f"topic {record.topic!r} missing"))
+                error = f"topic {record.topic!r} does not exist"
+                results[i] = Result(Status.HOLD, "unknown_topic", error)
+                stopped.add(record.aggregate)
                 continue
             try:
                 future = await producer.send(
                     record.topic, record.value, key=record.key, headers=record.headers
                 )
-            except aiokafka.errors.KafkaError as exc:  # refused by the client: this record alone
-                self._sort(outcome, record, exc)
+            except aiokafka.errors.KafkaError as exc:
+                results[i] = sort(exc)
+                stopped.add(record.aggregate)
+                if results[i].status is not Status.POISON:
+                    break  # the producer is in trouble: nothing more this cycle
             else:
-                pending.append((record, future))
-        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-        suspects: list[envelope.Record] = []
-        reset = False
-        for (record, _), result in zip(pending, results, strict=True):
-            if isinstance(result, TOO_LARGE_ERRORS):
-                suspects.append(record)  # its produce batch was refused; maybe not for it
-            elif isinstance(result, BaseException):
-                self._sort(outcome, record, result)
-            else:
-                outcome.acked.append(record)
-            reset = reset or isinstance(result, RESET_ERRORS)
-        if reset:
-            await self.reset(producer)
-        for record in suspects:
-            await self._send_alone(record, outcome)
-        return outcome
+                pending.append((i, future))
+        return pending
 
-    async def _send_alone(self, record: envelope.Record, outcome: Outcome) -> None:
-        """Retry a record of a refused batch on its own: refused again, it is the poison one."""
-        producer = self.producer
-        try:
-            await producer.send_and_wait(
-                record.topic, record.value, key=record.key, headers=record.headers
-            )
-        except aiokafka.errors.KafkaError as exc:
-            self._sort(outcome, record, exc)
-            if isinstance(exc, RESET_ERRORS):
-                await self.reset(producer)
-        else:
-            outcome.acked.append(record)
+    async def _settle(self, futures: list[asyncio.Future[Any]]) -> list[object]:
+        """Wait for every future; a cancellation (the caller's timeout) leaves them pending in
+        ``_unsettled`` instead of cancelling them: their records are in the producer anyway."""
+        for future in futures:
+            self._unsettled.add(future)
+            future.add_done_callback(self._unsettled.discard)
+            future.add_done_callback(_retrieved)  # settled after a timeout: nobody else looks
+        if futures:
+            await asyncio.wait(futures)
+        return [_outcome(f) for f in futures]
 
-    @staticmethod
-    def _sort(outcome: Outcome, record: envelope.Record, exc: BaseException) -> None:
-        for kind, reason in POISON_ERRORS.items():
-            if isinstance(exc, kind):
-                outcome.poison.append((record, reason, f"{type(exc).__name__}: {exc}"))
-                return
-        if isinstance(exc, asyncio.CancelledError):
-            raise exc
-        outcome.transient.append((record, f"{type(exc).__name__}: {exc}"))
+    async def _send_alone(
+        self, records: Sequence[envelope.Record], positions: Sequence[int], results: list[Result]
+    ) -> None:
+        """Retry the records of refused batches one at a time, in order, on the solo producer:
+        refused again, a record is the poison one, and its aggregate's later records wait."""
+        async with self._solo_lock:
+            refused: set[envelope.AggregateKey] = set()
+            for record, i in zip(records, positions, strict=True):
+                if record.aggregate in refused:
+                    continue  # NOT_SENT: behind a refused record of its aggregate
+                if self._solo is None:
+                    self._solo = await self._new_producer()
+                solo = self._solo
+                try:
+                    await solo.send_and_wait(
+                        record.topic, record.value, key=record.key, headers=record.headers
+                    )
+                except aiokafka.errors.KafkaError as exc:
+                    results[i] = sort(exc)
+                    refused.add(record.aggregate)
+                    if isinstance(exc, RESET_ERRORS):
+                        await self.reset(solo)
+                else:
+                    results[i] = ACKED
 
-    async def dead_letter(self, rows: Sequence[tuple[envelope.Row, str, str]]) -> int:
-        """Copy failed rows (as a small JSON description) to the dead-letter topic, best effort."""
+    async def dead_letter(self, rows: Sequence[tuple[envelope.Row, str, str]]) -> str | None:
+        """Copy failed rows (as a small JSON description) to the dead-letter topic.
+
+        Returns None when every copy was acknowledged (or there is no dead-letter topic), else
+        the reason, for the rows' ``last_error``. Never raises a Kafka error.
+        """
         if not self._dead_letter_topic or not rows:
-            return 0
-        futures = []
-        for row, reason, error in rows:
-            value = orjson.dumps(
-                {
-                    "id": row.id,
-                    "message_id": row.message_id,
-                    "aggregate_type": row.aggregate_type,
-                    "aggregate_id": row.aggregate_id,
-                    "event_type": row.event_type,
-                    "reason": reason,
-                    "error": error,
-                }
-            )
-            headers = [("message_id", row.message_id.encode()), ("reason", reason.encode())]
-            futures.append(
+            return None
+        try:
+            if await self.missing_topics({self._dead_letter_topic}):
+                return f"dead-letter topic {self._dead_letter_topic!r} does not exist"
+            futures = [
                 await self.producer.send(
                     self._dead_letter_topic,
-                    value,
+                    _dead_letter_value(row, reason, error),
                     key=row.aggregate_id.encode(),
-                    headers=headers,
+                    headers=[("message_id", row.message_id.encode()), ("reason", reason.encode())],
                 )
-            )
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        sent = sum(not isinstance(r, BaseException) for r in results)
-        if sent < len(results):
-            log.warning(
-                "dead_letter_failed", topic=self._dead_letter_topic, lost=len(results) - sent
-            )
-        return sent
+                for row, reason, error in rows
+            ]
+            await asyncio.gather(*futures)
+        except aiokafka.errors.KafkaError as exc:
+            return f"dead-letter copy failed: {errors.one_line(exc)}"
+        return None
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _outcome(future: asyncio.Future[Any]) -> object:
+    """The acknowledgement, or the exception, of a settled send."""
+    if future.cancelled():
+        return aiokafka.errors.KafkaTimeoutError("the send was cancelled")
+    return future.exception() or future.result()
+
+
+def _dead_letter_value(row: envelope.Row, reason: str, error: str) -> bytes:
+    return orjson.dumps(
+        {
+            "id": row.id,
+            "message_id": row.message_id,
+            "aggregate_type": row.aggregate_type,
+            "aggregate_id": row.aggregate_id,
+            "event_type": row.event_type,
+            "reason": reason,
+            "error": error,
+        }
+    )

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from relay import config
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+# The relay's tables: the outbox itself and its companions, named after it.
+TABLE_SUFFIXES = ("", "_shard", "_hold", "_meta")
 
 
 @functools.cache
@@ -81,7 +83,7 @@ def bind(sql: str, params: Mapping[str, object]) -> tuple[str, dict[str, object]
 def load(filename: str, table: str) -> Queries:
     if not config.TABLE_NAME.match(table):
         raise ValueError(f"not a plain SQL identifier of at most 58 characters: {table!r}")
-    tables = {"{outbox}": quote(table), "{outbox_shard}": quote(f"{table}_shard")}
+    tables = {f"{{outbox{suffix}}}": quote(table + suffix) for suffix in TABLE_SUFFIXES}
     statements = {}
     for name, text in _read(filename).items():
         sql = text

@@ -1,7 +1,9 @@
 """Sub-poll latency: writers nudge relays with a UDP datagram right after they commit.
 
 Polling stays the source of truth; a lost datagram only costs up to one poll interval.
-The datagram carries no data the relay trusts: any datagram on the port wakes one worker.
+The datagram carries no data the relay trusts: any datagram on the port wakes one worker, at
+most once per ``min_interval_s`` (a burst or a flood is coalesced into one wake-up at the end
+of the interval). The listener binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -17,12 +19,31 @@ PAYLOAD = b"outbox"
 
 
 class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, waker: pacing.Waker) -> None:
+    def __init__(self, waker: pacing.Waker, min_interval_s: float) -> None:
         self._waker = waker
+        self._min_interval_s = min_interval_s
+        self._last = float("-inf")
+        self._timer: asyncio.TimerHandle | None = None
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         metrics.wakeups.inc()
+        if self._timer is not None:
+            return  # a wake-up is already due at the end of the interval
+        loop = asyncio.get_running_loop()
+        wait_s = self._last + self._min_interval_s - loop.time()
+        if wait_s <= 0:
+            self._fire()
+        else:
+            self._timer = loop.call_later(wait_s, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._last = asyncio.get_running_loop().time()
         self._waker.notify()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class Listener:
@@ -41,7 +62,7 @@ class Listener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self._waker),
+            lambda: _Protocol(self._waker, self._settings.min_interval_s),
             local_addr=(self._settings.host, self._settings.port),
         )
 

@@ -6,46 +6,50 @@ One cycle is one READ COMMITTED transaction:
 2. lock up to ``shards_per_claim`` of them with ``FOR UPDATE SKIP LOCKED`` on the shard rows:
    while a worker holds a shard, no other worker in any process can publish its rows, so the
    events of one aggregate (always in the same shard) are published in outbox order;
-3. read the oldest new rows of each owned shard (``batch_size`` shared out between them);
-4. publish them with the idempotent producer, bounded by ``publish_timeout_s``;
-5. mark the published rows in one statement, the poison rows failed, and commit.
+3. if an owned shard has held aggregates (the shard row counts them): open the timed holds
+   whose retry time has come, and set the rows of the others aside (status ``held``);
+4. read the oldest new rows of each owned shard: ``batch_size`` rows shared out between them
+   and at most ``batch_max_bytes`` of JSON and payload (the oldest row always fits);
+5. publish them with the idempotent producer, bounded by ``publish_timeout_s``;
+6. record the outcome by the ordering rule (:mod:`relay.ordering`) and commit: once a record of
+   an aggregate fails to be enqueued or acknowledged, no later record of that aggregate is
+   marked published, and nothing is enqueued after an enqueue failure; what was not sent stays
+   new with no attempt counted.
 
-If publishing times out or Kafka fails, the transaction rolls back: the rows stay new and the
-worker backs off. Pacing: after a claim the worker looks again after ``claim_linger_s``; when
-idle it waits for a wake-up or the poll interval. Shutdown is an event: the cycle in flight ends
-normally; the mark-and-commit step is never interrupted by a cancellation.
+Errors are sorted by :func:`relay.errors.classify`: a passing or operational failure rolls the
+cycle back (rows stay new) and backs the worker off, up to ``backoff_max_s``; after
+``unready_after_failed_cycles`` failed cycles in a row the worker reports not ready. A bug
+propagates: the daemon stops with exit code 1. Pacing: after a claim the worker looks again
+after ``claim_linger_s``; when idle it waits for a wake-up or the poll interval. Shutdown is an
+event: the cycle in flight ends normally; the mark-and-commit step is never interrupted by a
+cancellation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiokafka.errors
 import structlog
 
-from relay import config, db, envelope, metrics, pacing, publisher, store
+from relay import config, db, envelope, errors, metrics, ordering, pacing, publisher, store
 
 log = structlog.get_logger(__name__)
 
+# A failing worker logs once per streak and then at most every this many seconds.
+LOG_EVERY_S = 10.0
 
-class PublishFailedError(Exception):
-    """The batch could not be published for a passing reason; it was rolled back."""
+Connect = Callable[[], Awaitable[db.Connection]]
+
+
+class CycleFailedError(Exception):
+    """The cycle was rolled back for a passing or operational reason; rows stay new."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-@dataclasses.dataclass(slots=True)
-class Verdicts:
-    """What to record for a claimed batch."""
-
-    acked: list[envelope.Record] = dataclasses.field(default_factory=list)
-    failed: list[tuple[envelope.Row, str, str]] = dataclasses.field(default_factory=list)
-    transient: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
 
 class Worker:
@@ -53,38 +57,58 @@ class Worker:
         self,
         name: str,
         settings: config.Settings,
-        publisher_: publisher.Publisher,
+        publisher_: publisher.Publishing,
         stop: asyncio.Event,
         waker: pacing.Waker,
+        *,
+        store_: store.Claiming | None = None,
+        connect: Connect | None = None,
     ) -> None:
         self.name = name
         self._settings = settings
         self._worker = settings.worker
-        self._store = store.Store(settings.outbox.table)
+        self._on_poison = settings.outbox.on_poison
+        self._store: store.Claiming = store_ or store.Store(settings.outbox.table)
+        self._connect = connect or (lambda: db.connect(settings, autocommit=False))
         self._publisher = publisher_
         self._formatter = envelope.Formatter.from_settings(settings)
         self._stop = stop
         self._waker = waker
         self._conn: db.Connection | None = None
+        self._holds: list[store.Hold] = []  # of the shards owned in the current cycle
         self._log = log.bind(worker=name)
         self.published = 0
         self.failed = 0
+        self.failures = 0  # consecutive failed cycles
+        self.last_failure = ""
+        self._last_logged = -LOG_EVERY_S
+        self._silenced = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.failures < self._worker.unready_after_failed_cycles
 
     async def run(self) -> None:
-        """Cycle until the stop event is set. Errors are logged and retried, never fatal."""
+        """Cycle until the stop event is set. Expected failures back off; a bug propagates."""
         backoff = pacing.Backoff(self._worker.backoff_initial_s, self._worker.backoff_max_s)
         try:
             while not self._stop.is_set():
                 try:
                     claimed = await self.cycle()
-                except PublishFailedError as exc:
-                    metrics.batch_retries.labels(exc.reason).inc()
-                    self._log.warning("publish_failed", reason=exc.reason, error=str(exc))
-                except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                    metrics.batch_retries.labels("database").inc()
-                    self._log.warning("cycle_failed", error=f"{type(exc).__name__}: {exc}")
+                except CycleFailedError as exc:
+                    self._failed(exc.reason, str(exc))
+                except Exception as exc:
+                    kind = errors.classify(exc)
+                    if kind is errors.Kind.BUG:
+                        self._log.exception("cycle_bug")
+                        raise
                     self._disconnect()
+                    self._failed(
+                        "operational" if kind is errors.Kind.OPERATIONAL else "database",
+                        errors.one_line(exc),
+                    )
                 else:
+                    self._succeeded()
                     backoff.reset()
                     if not claimed:
                         # Idle: wait for a poll tick or a wake-up.
@@ -99,106 +123,165 @@ class Worker:
         finally:
             self._disconnect()
 
+    def _failed(self, reason: str, message: str) -> None:
+        self.failures += 1
+        self.last_failure = f"{reason}: {message}"
+        metrics.batch_retries.labels(reason).inc()
+        now = time.monotonic()
+        if self.failures == 1 or now - self._last_logged >= LOG_EVERY_S:
+            self._log.warning(
+                "cycle_failed",
+                reason=reason,
+                error=message,
+                failures_in_a_row=self.failures,
+                not_logged=self._silenced,
+            )
+            self._last_logged = now
+            self._silenced = 0
+        else:
+            self._silenced += 1
+
+    def _succeeded(self) -> None:
+        if self.failures >= self._worker.unready_after_failed_cycles:
+            self._log.info("cycle_recovered", after_failures=self.failures)
+        self.failures = 0
+
     async def cycle(self) -> int:
         """One claim-publish-mark transaction. Returns the number of rows claimed."""
         if not self._publisher.started:
-            raise PublishFailedError("kafka", "producer not connected yet")
+            raise CycleFailedError("kafka", "producer not connected yet")
         if self._conn is None:
             # autocommit off: the first statement opens the transaction (no BEGIN round trip)
-            self._conn = await db.connect(self._settings, autocommit=False)
+            self._conn = await self._connect()
         conn = self._conn
         started = time.perf_counter()
         try:
-            ready = await self._store.ready_shards(conn)
-            if not ready:
-                await conn.rollback()  # end the (read-only) transaction: hold no table locks
-                return 0
-            shards = await self._store.lock_shards(conn, ready, self._worker.shards_per_claim)
-            if len(shards) == self._worker.shards_per_claim and len(ready) > len(shards):
-                self._waker.notify()  # more shards have work than this worker took
-            rows = (
-                await self._store.claim_rows(conn, shards, self._worker.batch_size)
-                if shards
-                else []
-            )
+            rows, parked = await self._claim(conn)
             metrics.claim_duration.observe(time.perf_counter() - started)
             if not rows:
-                await conn.rollback()
-                return 0
+                await (conn.commit() if parked else conn.rollback())
+                return parked
             metrics.batch_size.observe(len(rows))
-            verdicts = await self._publish(rows)
+            result = await self._publish(rows)
         except BaseException:
             await self._rollback()
             raise
-        finish = asyncio.ensure_future(self._finish(conn, verdicts))
+        finish = asyncio.ensure_future(self._finish(conn, result))
         try:
             await asyncio.shield(finish)
         except asyncio.CancelledError:
             await finish  # published rows must be marked: let the commit land, then stop
             raise
-        if verdicts.transient:  # those rows stay new; back off before trying them again
-            raise PublishFailedError(
+        if result.broken:  # some rows stay new: back off before trying them again
+            first = result.retried[0][1] if result.retried else "not sent"
+            raise CycleFailedError(
                 "kafka",
-                f"{len(verdicts.transient)} of {len(rows)} records not acknowledged: "
-                f"{verdicts.transient[0][1]}",
+                f"{len(result.retried) + len(result.untouched)} of {len(rows) + parked} records"
+                f" left new: {first}",
             )
-        return len(rows)
+        return len(rows) + parked
 
-    async def _publish(self, rows: Sequence[envelope.Row]) -> Verdicts:
-        verdicts = Verdicts()
+    async def _claim(self, conn: db.Connection) -> tuple[list[envelope.Row], int]:
+        """Lock shards and read their rows; rows of held aggregates are set aside (parked).
+
+        Returns the rows to publish and the number of rows parked.
+        """
+        self._holds = []
+        ready = await self._store.ready_shards(conn)
+        if not ready:
+            return [], 0
+        owned = await self._store.lock_shards(conn, ready, self._worker.shards_per_claim)
+        if len(owned) == self._worker.shards_per_claim and len(ready) > len(owned):
+            self._waker.notify()  # more shards have work than this worker took
+        if not owned:
+            return [], 0
+        held = [shard for shard, holds in owned.items() if holds]
+        holds: dict[envelope.AggregateKey, store.Hold] = {}
+        if held:  # the common case skips this: no shard with held aggregates
+            for hold in await self._store.due_holds(conn, held):
+                await self._store.open_hold(conn, hold)  # its rows are new again, in id order
+                holds[hold.key] = hold
+        rows = await self._store.claim_rows(
+            conn, list(owned), self._worker.batch_size, self._worker.batch_max_bytes
+        )
+        if held:
+            keys = {r.aggregate for r in rows if r.shard in held} - holds.keys()
+            if keys:
+                holds.update((h.key, h) for h in await self._store.holds_of(conn, keys))
+        self._holds = list(holds.values())
+        holding = {h.key for h in self._holds if h.holding}
+        if not holding:
+            return rows, 0
+        parked = [r.id for r in rows if r.aggregate in holding]
+        if parked:
+            await self._store.park(conn, parked)
+        return [r for r in rows if r.aggregate not in holding], len(parked)
+
+    async def _publish(self, rows: Sequence[envelope.Row]) -> ordering.Plan:
+        results: dict[int, publisher.Result] = {}
         records: list[envelope.Record] = []
+        blocked: set[envelope.AggregateKey] = set()
         capture_us = time.time_ns() // 1000
         for row in rows:
+            if row.aggregate in blocked:
+                continue
             try:
                 records.append(self._formatter.record(row, capture_us))
             except envelope.PoisonRowError as exc:
-                verdicts.failed.append((row, exc.reason, str(exc)))
+                results[row.id] = publisher.Result(publisher.Status.POISON, exc.reason, str(exc))
+                if self._on_poison == "hold":
+                    blocked.add(row.aggregate)  # its later rows wait behind the hold: not sent
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._worker.publish_timeout_s):
-                outcome = await self._publisher.publish(records)
-                if outcome.poison:
-                    by_id = {row.id: row for row in rows}
-                    verdicts.failed += [
-                        (by_id[r.row_id], why, err) for r, why, err in outcome.poison
-                    ]
-                if verdicts.failed:
-                    metrics.dead_lettered.inc(await self._publisher.dead_letter(verdicts.failed))
+                outcome = await self._publisher.publish(records) if records else []
         except TimeoutError:
-            raise PublishFailedError(
+            raise CycleFailedError(
                 "timeout",
                 f"publishing {len(records)} records took over {self._worker.publish_timeout_s} s",
             ) from None
         except aiokafka.errors.KafkaError as exc:
-            raise PublishFailedError("kafka", f"{type(exc).__name__}: {exc}") from None
+            raise CycleFailedError("kafka", errors.one_line(exc)) from None
         metrics.publish_duration.observe(time.perf_counter() - started)
-        verdicts.acked = outcome.acked
-        verdicts.transient = [(r.row_id, err) for r, err in outcome.transient]
-        return verdicts
+        results.update((r.row_id, o) for r, o in zip(records, outcome, strict=True))
+        plan = ordering.plan(rows, results, self._on_poison)
+        if plan.failed:
+            await self._dead_letter(plan)
+        return plan
 
-    async def _finish(self, conn: db.Connection, verdicts: Verdicts) -> None:
-        """Mark and commit; then count and log. Runs shielded from cancellation."""
+    async def _dead_letter(self, plan: ordering.Plan) -> None:
+        """Copy failed rows to the dead-letter topic; a failed copy is noted in the rows."""
+        try:
+            async with asyncio.timeout(self._worker.publish_timeout_s):
+                problem = await self._publisher.dead_letter(plan.failed)
+        except TimeoutError:
+            problem = "dead-letter copy timed out"
+        if problem is None:
+            if self._settings.outbox.dead_letter_topic:
+                metrics.dead_lettered.inc(len(plan.failed))
+            return
+        self._log.error("dead_letter_failed", rows=len(plan.failed), error=problem)
+        plan.failed = [(row, why, f"{err}; {problem}") for row, why, err in plan.failed]
+
+    async def _finish(self, conn: db.Connection, plan: ordering.Plan) -> None:
+        """Record the plan and commit; then count and log. Runs shielded from cancellation."""
         started = time.perf_counter()
         try:
-            if verdicts.acked:
-                await self._store.mark_published(conn, [r.row_id for r in verdicts.acked])
-            for row, reason, error in verdicts.failed:
-                await self._store.mark_failed(conn, row.id, f"{reason}: {error}")
-            if verdicts.transient:
-                ids = [row_id for row_id, _ in verdicts.transient]
-                await self._store.note_attempt(conn, ids, verdicts.transient[0][1])
+            await self._record(conn, plan)
             await conn.commit()
-        except BaseException:
+        except BaseException as exc:
             await self._rollback()
+            if isinstance(exc, Exception) and errors.classify(exc) is not errors.Kind.BUG:
+                raise CycleFailedError("mark", errors.one_line(exc)) from exc
             raise
         metrics.mark_duration.observe(time.perf_counter() - started)
         now = time.time()
-        for record in verdicts.acked:
-            metrics.publish_lag.observe(now - record.event_us / 1e6)
-        metrics.published.inc(len(verdicts.acked))
-        self.published += len(verdicts.acked)
-        self.failed += len(verdicts.failed)
-        for row, reason, error in verdicts.failed:
+        for row in plan.published:
+            metrics.publish_lag.observe(now - row.event_us / 1e6)
+        metrics.published.inc(len(plan.published))
+        self.published += len(plan.published)
+        self.failed += len(plan.failed)
+        for row, reason, error in plan.failed:
             metrics.failed.labels(reason).inc()
             self._log.error(
                 "row_failed",
@@ -207,7 +290,58 @@ class Worker:
                 aggregate_type=row.aggregate_type,
                 reason=reason,
                 error=error,
+                policy=self._on_poison,
             )
+        for hold in plan.holds:
+            self._log.warning(
+                "aggregate_held",
+                kind=hold.kind,
+                aggregate_type=hold.key[0],
+                shard=hold.shard,
+                row_id=hold.failed_id,
+                reason=hold.reason,
+            )
+
+    async def _record(self, conn: db.Connection, plan: ordering.Plan) -> None:
+        s = self._store
+        if plan.published:
+            await s.mark_published(conn, [r.id for r in plan.published])
+        for row, reason, error in plan.failed:
+            await s.mark_failed(conn, row.id, f"{reason}: {error}")
+        if plan.parked:
+            await s.park(conn, plan.parked)
+        if plan.retried:
+            await s.note_attempt(conn, [row_id for row_id, _ in plan.retried], plan.retried[0][1])
+        holds = {h.key: h for h in self._holds}
+        changed: set[int] = set()
+        for new in plan.holds:
+            old = holds.get(new.key)
+            retry_in_s = None if new.kind == "poison" else self._hold_delay_s(old)
+            await s.add_hold(
+                conn,
+                new.key,
+                new.shard,
+                kind=new.kind,
+                failed_id=new.failed_id,
+                reason=new.reason,
+                retry_in_s=retry_in_s,
+                exists=old is not None,
+            )
+            changed.add(new.shard)
+        # a timed hold on trial whose rows went through is over
+        renewed = {h.key for h in plan.holds}
+        flowed = {r.aggregate for r in plan.published}
+        for hold in self._holds:
+            if hold.kind == "timed" and (hold.open or hold.due) and hold.key in flowed - renewed:
+                await s.delete_hold(conn, hold.key, hold.shard)
+                changed.add(hold.shard)
+        for shard in sorted(changed):
+            await s.count_holds(conn, shard)
+
+    def _hold_delay_s(self, old: store.Hold | None) -> float:
+        attempts = old.attempts if old is not None else 0
+        delay_s: float = self._worker.hold_retry_initial_s * 2 ** min(attempts, 32)
+        return min(self._worker.hold_retry_max_s, delay_s)
 
     async def _rollback(self) -> None:
         conn = self._conn

@@ -3,59 +3,47 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 from integration import helpers
 from servers import Kafka, MariaDB
 
-from relay import app, bench, config
+from relay import app, config
+from relay.tools import net
 
 pytestmark = pytest.mark.integration
 
 
-@contextlib.asynccontextmanager
-async def running(settings: config.Settings) -> AsyncIterator[tuple[app.App, asyncio.Task[int]]]:
-    relay = app.App(settings)
-    task = asyncio.create_task(relay.run())
-
-    async def probes_up() -> bool:
-        assert not task.done(), task
-        try:
-            return relay.http_server.port > 0
-        except RuntimeError:
-            return False
-
-    try:
-        await helpers.wait_until(probes_up, "the probe server")
-        yield relay, task
-    finally:
-        relay.request_stop()
-        async with asyncio.timeout(settings.worker.shutdown_timeout_s + 10):
-            await asyncio.gather(task, return_exceptions=True)
+async def _migrated(
+    mariadb: MariaDB, database: str, kafka: Kafka, topic: str, **groups: Mapping[str, Any]
+) -> config.Settings:
+    """Test settings relaying to ``topic``, with the schema applied."""
+    settings = helpers.make_settings(
+        mariadb, database, kafka.bootstrap, outbox={"topic_template": topic}, **groups
+    )
+    await helpers.migrate(settings)
+    return settings
 
 
 async def test_probes_when_everything_is_up(
     mariadb: MariaDB, kafka: Kafka, database: str, topic: str
 ) -> None:
-    settings = helpers.make_settings(
-        mariadb, database, kafka.bootstrap, outbox={"topic_template": topic}
-    )
-    await helpers.migrate(settings)
-    async with running(settings) as (relay, task):
+    settings = await _migrated(mariadb, database, kafka, topic)
+    async with helpers.running(settings) as (relay, task):
         port = relay.http_server.port
 
         async def ready() -> bool:
-            return (await bench.http_get(port, "/readyz"))[0] == 200
+            return (await net.http_get(port, "/readyz"))[0] == 200
 
         await helpers.wait_until(ready, "/readyz 200")
-        assert await bench.http_get(port, "/readyz") == (200, "ok\n")
-        assert await bench.http_get(port, "/livez") == (200, "ok\n")
-        status, body = await bench.http_get(port, "/metrics")
+        assert await net.http_get(port, "/readyz") == (200, "ok\n")
+        assert await net.http_get(port, "/livez") == (200, "ok\n")
+        status, body = await net.http_get(port, "/metrics")
         assert status == 200
         assert "outbox_relay_published_total" in body
-        assert (await bench.http_get(port, "/nope"))[0] == 404
+        assert (await net.http_get(port, "/nope"))[0] == 404
         # and it relays
         ids = await helpers.write(settings, helpers.event("probe"))
         await helpers.wait_for_statuses(settings, dict.fromkeys(ids, "published"))
@@ -68,65 +56,119 @@ async def test_readiness_names_kafka_when_unreachable(
     settings = helpers.make_settings(
         mariadb,
         database,
-        f"127.0.0.1:{helpers.closed_port()}",
+        f"127.0.0.1:{net.free_port()}",
         kafka={"request_timeout_s": 1.0},
     )
     await helpers.migrate(settings)
-    async with running(settings) as (relay, task):
+    async with helpers.running(settings) as (relay, task):
         port = relay.http_server.port
-        status, body = await bench.http_get(port, "/readyz")
+        status, body = await net.http_get(port, "/readyz")
         assert status == 503
-        assert body.startswith("kafka: ")
-        assert "mysql" not in body
-        assert await bench.http_get(port, "/livez") == (200, "ok\n")
+        assert body == "kafka: not_connected\n"  # a reason code; the details are in the logs
+        assert await net.http_get(port, "/livez") == (200, "ok\n")
         assert not relay.publisher.started
         relay.request_stop()
         async with asyncio.timeout(settings.worker.shutdown_timeout_s):
             assert await task == 0  # stopped while still waiting for Kafka
 
 
-async def test_readiness_names_mysql_when_unreachable(
+async def test_readiness_names_the_database_when_unreachable(
     mariadb: MariaDB, kafka: Kafka, database: str
 ) -> None:
     settings = helpers.make_settings(mariadb, database, kafka.bootstrap)
     broken = settings.model_copy(
         update={
-            "db": settings.db.model_copy(
-                update={"port": helpers.closed_port(), "connect_timeout_s": 1.0}
-            )
+            "db": settings.db.model_copy(update={"port": net.free_port(), "connect_timeout_s": 1.0})
         }
     )
-    async with running(broken) as (relay, _):
+    async with helpers.running(broken) as (relay, task):
 
-        async def kafka_connected() -> bool:
-            return relay.publisher.started
+        async def startup_check_failed() -> bool:
+            _, body = await net.http_get(relay.http_server.port, "/readyz")
+            return "startup: database_unreachable" in body
 
-        await helpers.wait_until(kafka_connected, "the producer")
-        status, body = await bench.http_get(relay.http_server.port, "/readyz")
+        await helpers.wait_until(startup_check_failed, "the start-up check to fail")
+        status, body = await net.http_get(relay.http_server.port, "/readyz")
         assert status == 503
-        assert body.startswith("mysql: ")
-        assert "kafka" not in body
+        assert "127.0.0.1" not in body  # no user, host or server text for anyone to read
+        assert not task.done()  # keeps retrying: the database may be starting
+
+
+async def test_probe_endpoint_is_bounded_and_opens_no_connections(
+    mariadb: MariaDB, kafka: Kafka, database: str, topic: str
+) -> None:
+    """40 parallel /readyz answer from the relay's state (no database connection each); an
+    oversize request line is refused; connections beyond the cap get 503 at once."""
+    settings = await _migrated(mariadb, database, kafka, topic, http={"max_connections": 50})
+    async with helpers.running(settings) as (relay, _):
+        port = relay.http_server.port
+        await helpers.wait_until(lambda: _ready(port), "/readyz 200", timeout_s=30.0)
+        before = _threads_connected(mariadb)
+        answers = await asyncio.gather(*(net.http_get(port, "/readyz") for _ in range(40)))
+        assert answers == [(200, "ok\n")] * 40
+        assert _threads_connected(mariadb) <= before + 2  # (other tests' noise aside)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /" + b"x" * 70_000 + b" HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.0 431 "), answer[:80]
+
+
+async def test_probe_endpoint_caps_connections(
+    mariadb: MariaDB, kafka: Kafka, database: str, topic: str
+) -> None:
+    http = {"max_connections": 2, "request_timeout_s": 30.0}
+    settings = await _migrated(mariadb, database, kafka, topic, http=http)
+    async with helpers.running(settings) as (relay, _):
+        port = relay.http_server.port
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        try:
+            # the two idle clients hold both slots: the next one is turned away at once
+            async with asyncio.timeout(10):
+                status, body = await net.http_get(port, "/livez")
+            assert (status, body) == (503, "busy\n")
+        finally:
+            for _, writer in idle:
+                writer.close()
+
+        async def slots_free() -> bool:
+            return (await net.http_get(port, "/livez"))[0] == 200
+
+        await helpers.wait_until(slots_free, "the idle clients' slots to free")
+
+
+async def _ready(port: int) -> bool:
+    return (await net.http_get(port, "/readyz"))[0] == 200
+
+
+def _threads_connected(mariadb: MariaDB) -> int:
+    conn = mariadb.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
+            row = cur.fetchone()
+            assert row is not None
+            return int(row[1])
+    finally:
+        conn.close()
 
 
 async def test_request_stop_returns_0_with_producer_closed(
     mariadb: MariaDB, kafka: Kafka, database: str, topic: str
 ) -> None:
-    settings = helpers.make_settings(
-        mariadb,
-        database,
-        kafka.bootstrap,
-        outbox={"topic_template": topic},
-        worker={"count": 3, "shutdown_timeout_s": 5.0},
-        cleaner={"enabled": True, "interval_s": 3600},
-    )
-    await helpers.migrate(settings)
+    workers = {"count": 3, "shutdown_timeout_s": 5.0}
+    cleaner = {"enabled": True, "interval_s": 3600}
+    settings = await _migrated(mariadb, database, kafka, topic, worker=workers, cleaner=cleaner)
     relay = app.App(settings)
     task = asyncio.create_task(relay.run())
     try:
         ids = await helpers.write(settings, *(helpers.event(f"s-{i}") for i in range(20)))
         await helpers.wait_for_statuses(settings, dict.fromkeys(ids, "published"))
         port = relay.http_server.port
-        relay.publisher.producer  # noqa: B018 - raises unless the producer is connected
+        connected = relay.publisher.started  # the producer is connected while the relay runs
+        assert connected
         assert len([t for t in relay._tasks if not t.done()]) >= 5  # workers, cleaner, ...
     finally:
         relay.request_stop()
@@ -136,5 +178,5 @@ async def test_request_stop_returns_0_with_producer_closed(
     assert all(t.done() for t in relay._tasks)
     assert not any(t.cancelled() for t in relay._tasks)  # ended by themselves, none cancelled
     with pytest.raises(OSError):  # the probe port is closed
-        await bench.http_get(port, "/livez")
+        await net.http_get(port, "/livez")
     assert sum(w.published for w in relay.workers) == 20

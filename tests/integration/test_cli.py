@@ -64,7 +64,14 @@ def test_schema_prints_runnable_create_tables(
             cur.execute("SELECT COUNT(*) FROM events_shard")
             assert cur.fetchone() == (64,)
             cur.execute("SHOW TABLES")
-            assert {r[0] for r in cur.fetchall()} == {"events", "events_shard"}
+            assert {r[0] for r in cur.fetchall()} == {
+                "events",
+                "events_shard",
+                "events_hold",
+                "events_meta",
+            }
+            cur.execute("SELECT value FROM events_meta WHERE name = 'schema_version'")
+            assert cur.fetchone() == ("2",)
     finally:
         conn.close()
 
@@ -77,7 +84,7 @@ def test_migrate_then_check(
     for _ in range(2):  # idempotent
         proc = relay(["migrate"], env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert f"schema applied: {database}.outbox" in proc.stdout
+        assert f"schema version 2 current: {database}.outbox" in proc.stdout
     # a new row routed to the fixture topic: the check looks that topic up
     conn = mariadb.connect(database)
     try:
@@ -120,7 +127,7 @@ def test_check_fails_on_a_missing_topic(
     finally:
         conn.close()
     proc = relay(["check"], env)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # operational: the topic is missing
     assert "FAIL topics: missing topics ['missing.nowhere']" in proc.stdout
 
 
@@ -128,7 +135,7 @@ def test_check_fails_when_table_missing(
     mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
 ) -> None:
     proc = relay(["check"], relay_env(mariadb, database, kafka.bootstrap, tmp_path))
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # missing schema
     assert "FAIL schema: table 'outbox' missing: run `relay migrate`" in proc.stdout
 
 
@@ -139,7 +146,7 @@ def test_check_fails_when_database_unreachable(
     env["RELAY_DB__PORT"] = str(helpers.closed_port())
     env["RELAY_DB__CONNECT_TIMEOUT_S"] = "2"
     proc = relay(["check"], env)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # dependency unreachable
     assert "FAIL database: cannot connect" in proc.stdout
 
 
@@ -160,7 +167,7 @@ def test_replay_puts_failed_rows_back(
             ids = [int(r[0]) for r in cur.fetchall()]
         proc = relay(["replay", "--id", str(ids[0]), "--id", str(ids[2])], env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "rows put back to new: 2" in proc.stdout
+        assert "rows put back to new: 2; holds released: 0" in proc.stdout
         statuses = _statuses(conn)
         assert statuses == [("new", None), ("failed", "too_large: x")] * 2
         proc = relay(["replay"], env)

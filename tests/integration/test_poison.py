@@ -14,7 +14,7 @@ import pytest
 from integration import helpers
 from servers import Kafka, MariaDB
 
-from relay import config, db, pacing, publisher, store, worker
+from relay import config, pacing, publisher, triage, worker
 
 pytestmark = pytest.mark.integration
 
@@ -109,26 +109,33 @@ async def test_invalid_headers_fail_the_row_only(
     before = helpers.metric("outbox_relay_failed_total", reason="bad_headers")
     good = await helpers.write(settings, *(helpers.event(f"g-{i}") for i in range(5)))
     await _raw_insert(settings, "poison", headers=headers)
-    good += await helpers.write(settings, helpers.event("poison", 1))  # same aggregate, later
+    (later,) = await helpers.write(settings, helpers.event("poison", 1))  # same aggregate
+    good += await helpers.write(settings, helpers.event("g-after", 1))
     async with running(settings):
-        await helpers.wait_for_statuses(settings, dict.fromkeys(good, "published"))
+        expected = dict.fromkeys(good, "published") | {later: "held"}
+        await helpers.wait_for_statuses(settings, expected)
     rows = await helpers.rows_by_message_id(settings)
     (bad,) = [r for r in rows.values() if r["status"] == "failed"]
     assert bad["last_error"].startswith("bad_headers: ")
     assert detail in bad["last_error"]
     assert helpers.metric("outbox_relay_failed_total", reason="bad_headers") == before + 1
     messages = await helpers.consume(kafka, topic, helpers.has_ids(set(good)))
-    assert {m.message_id for m in messages} == set(good)
+    assert {m.message_id for m in messages} == set(good)  # the held row did not go out
 
 
-async def test_unknown_and_invalid_topics_then_replay(
+async def test_missing_topic_waits_and_invalid_topic_fails_then_replay(
     mariadb: MariaDB, kafka: Kafka, database: str, topic: str
 ) -> None:
+    """A missing topic is the operator's to fix: the row waits (held, not failed) while others
+    flow. An invalid topic name is the row's fault: failed, then replayed once fixed."""
     settings = helpers.make_settings(
-        mariadb, database, kafka.bootstrap, outbox={"topic_template": topic}
+        mariadb,
+        database,
+        kafka.bootstrap,
+        outbox={"topic_template": topic},
+        worker={"hold_retry_initial_s": 0.2, "hold_retry_max_s": 0.5},
     )
     await helpers.migrate(settings)
-    unknown_before = helpers.metric("outbox_relay_failed_total", reason="unknown_topic")
     invalid_before = helpers.metric("outbox_relay_failed_total", reason="invalid_topic")
     async with helpers.fresh_topic(kafka) as later:
         pass  # created and deleted: a name that surely does not exist now
@@ -139,38 +146,34 @@ async def test_unknown_and_invalid_topics_then_replay(
     async with running(settings):
         await helpers.wait_for_statuses(
             settings,
-            {
-                missing.message_id: "failed",
-                invalid.message_id: "failed",
-                good.message_id: "published",
-            },
+            {invalid.message_id: "failed", good.message_id: "published"},
         )
+
+        async def missing_waits() -> bool:
+            status = (await helpers.statuses(settings))[missing.message_id]
+            assert status in {"new", "held"}, status  # never failed
+            holds = await helpers.sql(settings, "SELECT kind FROM outbox_hold ORDER BY kind")
+            return holds == [("poison",), ("timed",)]
+
+        await helpers.wait_until(missing_waits, "a timed hold on the missing topic's aggregate")
     rows = await helpers.rows_by_message_id(settings)
-    assert rows[missing.message_id]["last_error"].startswith("unknown_topic: ")
     assert rows[invalid.message_id]["last_error"].startswith("invalid_topic: ")
-    assert helpers.metric("outbox_relay_failed_total", reason="unknown_topic") == unknown_before + 1
     assert helpers.metric("outbox_relay_failed_total", reason="invalid_topic") == invalid_before + 1
 
-    # the operator creates the topic and replays that row (what `relay replay --id` does)
-    async with helpers.fresh_topic(kafka) as created:
-        await helpers.sql(
-            settings,
-            "UPDATE outbox SET topic = %s WHERE message_id = %s",
-            [created, missing.message_id],
-        )
-        conn = await db.connect(settings, autocommit=False)
-        try:
-            changed = await store.Store("outbox").replay(conn, [rows[missing.message_id]["id"]], 10)
-        finally:
-            db.close(conn)
-        assert changed == 1
-        rows = await helpers.rows_by_message_id(settings)
-        assert rows[missing.message_id]["status"] == "new"
-        assert rows[missing.message_id]["last_error"] is None
-        assert rows[invalid.message_id]["status"] == "failed"  # not replayed
-        async with running(settings):
-            await helpers.wait_for_statuses(settings, {missing.message_id: "published"})
-        messages = await helpers.consume(kafka, created, helpers.has_ids({missing.message_id}))
-        assert [m.message_id for m in messages] == [missing.message_id]
+    # the operator fixes the invalid row and replays it (`relay replay --id`)
+    await helpers.sql(
+        settings, "UPDATE outbox SET topic = NULL WHERE message_id = %s", [invalid.message_id]
+    )
+    outcome = await triage.replay(settings, [rows[invalid.message_id]["id"]], 10)
+    assert (outcome.changed, outcome.released) == (1, 1)
     rows = await helpers.rows_by_message_id(settings)
-    assert rows[missing.message_id]["attempts"] == 2
+    assert rows[invalid.message_id]["status"] == "new"
+    assert rows[invalid.message_id]["last_error"] is None
+    async with running(settings):
+        await helpers.wait_for_statuses(settings, {invalid.message_id: "published"})
+    wanted = {good.message_id, invalid.message_id}
+    messages = await helpers.consume(kafka, topic, helpers.has_ids(wanted))
+    assert sorted(m.message_id for m in messages) == sorted(wanted)  # each once
+    rows = await helpers.rows_by_message_id(settings)
+    assert rows[invalid.message_id]["attempts"] == 2
+    assert rows[missing.message_id]["status"] in {"new", "held"}

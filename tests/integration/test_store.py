@@ -12,7 +12,9 @@ Design note criticisms shown impossible here:
 from __future__ import annotations
 
 import datetime
+import itertools
 import warnings
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +24,9 @@ import pytest_asyncio
 from integration import helpers
 from servers import Kafka, MariaDB
 
-from relay import config, db, queries, store, writer
+from relay import config, db, queries, store, triage, writer
+
+MAX_BYTES = 1 << 24
 
 pytestmark = pytest.mark.integration
 
@@ -94,8 +98,8 @@ async def test_concurrent_lockers_get_disjoint_shards_and_rows(
     shards_b = await S.lock_shards(b, ready, 16)
     assert len(shards_a) == len(shards_b) == 16
     assert not set(shards_a) & set(shards_b)
-    rows_a = await S.claim_rows(a, shards_a, 1000)
-    rows_b = await S.claim_rows(b, shards_b, 1000)
+    rows_a = await S.claim_rows(a, list(shards_a), 1000, MAX_BYTES)
+    rows_b = await S.claim_rows(b, list(shards_b), 1000, MAX_BYTES)
     assert rows_a
     # b's shards have ~100 new rows nobody else owns; a's claim must not hide them from b
     # (fails when a's claim scans ix_claim past its own shards and keeps those index records)
@@ -118,7 +122,7 @@ async def test_concurrent_lockers_get_disjoint_shards_and_rows(
     # b's shards are free again and their rows still new
     await b.begin()
     assert set(await S.lock_shards(b, ready, 64)) == set(ready)
-    again = await S.claim_rows(b, ready, 1000)
+    again = await S.claim_rows(b, ready, 1000, MAX_BYTES)
     assert {r.id for r in again} == {r.id for r in rows_b} | {
         r[0] for r in await _new_rows(settings)
     }
@@ -140,7 +144,7 @@ async def test_claim_is_a_per_shard_prefix_in_id_order(
     ready = await S.ready_shards(conn)
     await conn.begin()
     shards = await S.lock_shards(conn, ready, 64)
-    rows = await S.claim_rows(conn, shards, 1000)
+    rows = await S.claim_rows(conn, list(shards), 1000, MAX_BYTES)
     await conn.rollback()
     owner = await shard_of(settings)
     ids = [r.id for r in rows]
@@ -151,7 +155,7 @@ async def test_claim_is_a_per_shard_prefix_in_id_order(
         assert seqs == [f'{{"seq":{seq}}}' for seq in range(10)]
     # a limit takes the oldest rows of the first shard first
     await conn.begin()
-    first = await S.claim_rows(conn, [min(shards)], 3)
+    first = await S.claim_rows(conn, [min(shards)], 3, MAX_BYTES)
     await conn.rollback()
     oldest = sorted(r.id for r in rows if owner[r.aggregate_id] == min(shards))[:3]
     assert [r.id for r in first] == oldest
@@ -173,7 +177,7 @@ async def test_ready_shards_oldest_head_first_and_lock_wraps_around(
     assert ready == [mid, low, high]
     await conn.begin()
     # from the oldest head (mid) upwards in shard order, then wrapping around to low
-    assert await S.lock_shards(conn, ready, 2) == [mid, high]
+    assert list(await S.lock_shards(conn, ready, 2)) == [mid, high]
     await conn.rollback()
     await conn.begin()
     assert sorted(await S.lock_shards(conn, ready, 3)) == sorted([mid, high, low])  # all fit
@@ -183,24 +187,34 @@ async def test_ready_shards_oldest_head_first_and_lock_wraps_around(
 async def test_uncommitted_rows_are_not_ready_nor_claimed(
     settings: config.Settings, mariadb: MariaDB, database: str, conns: list[db.Connection]
 ) -> None:
-    """SKIP LOCKED passes over rows of a writer transaction that has not committed yet."""
+    """SKIP LOCKED passes over rows of a writer transaction that has not committed yet: their
+    shard is not ready, and a claim of that shard (ready through a committed row of another
+    aggregate) skips them although they are older."""
+    shard = zlib.crc32(b"pending") % store.SHARDS
+    neighbour = next(
+        f"n-{i}" for i in itertools.count() if zlib.crc32(f"n-{i}".encode()) % store.SHARDS == shard
+    )
+    conn = conns[0]
     service_a = mariadb.connect(database, autocommit=False)
     try:
         with service_a.cursor() as cur:
             writer.OutboxWriter().add_sync(cur, helpers.event("pending"))
-            conn = conns[0]
-            await conn.begin()
+            assert await S.ready_shards(conn) == []  # the uncommitted row makes nothing ready
+            await conn.rollback()
+            await helpers.write(settings, helpers.event(neighbour))
             ready = await S.ready_shards(conn)
-            claimed = await S.claim_rows(conn, ready, 100) if ready else []
-            assert claimed == []
+            assert ready == [shard]  # precondition: the pending row's shard is ready and claimed
+            await conn.begin()
+            claimed = await S.claim_rows(conn, ready, 100, MAX_BYTES)
+            assert [r.aggregate_id for r in claimed] == [neighbour]
             await conn.rollback()
         service_a.commit()
     finally:
         service_a.close()
-    conn = conns[0]
     ready = await S.ready_shards(conn)
     await conn.begin()
-    assert [r.aggregate_id for r in await S.claim_rows(conn, ready, 100)] == ["pending"]
+    claimed = await S.claim_rows(conn, ready, 100, MAX_BYTES)
+    assert [r.aggregate_id for r in claimed] == ["pending", neighbour]
     await conn.rollback()
 
 
@@ -272,7 +286,7 @@ async def test_writer_stores_event_time_in_utc(settings: config.Settings) -> Non
     try:
         ready = await S.ready_shards(conn)
         await conn.begin()
-        (row,) = await S.claim_rows(conn, ready, 10)
+        (row,) = await S.claim_rows(conn, ready, 10, MAX_BYTES)
         await conn.rollback()
     finally:
         db.close(conn)
@@ -296,27 +310,32 @@ async def test_mark_failed_note_attempt_and_replay(
     assert rows[ids[2]]["attempts"] == 1
     assert rows[ids[2]]["last_error"] == "KafkaTimeoutError"
     # replay by id: only that row
-    assert await S.replay(conn, [row_ids[1]], 100) == 1
+    assert (await triage.replay(settings, [row_ids[1]], 100)).changed == 1
     rows = await helpers.rows_by_message_id(settings)
     assert [rows[m]["status"] for m in ids] == ["failed", "new", "new", "new"]
     assert rows[ids[1]]["last_error"] is None
     # replay all failed
-    assert await S.replay(conn, None, 100) == 1
+    assert (await triage.replay(settings, None, 100)).changed == 1
     assert set((await helpers.statuses(settings)).values()) == {"new"}
-    assert await S.replay(conn, None, 100) == 0
+    assert (await triage.replay(settings, None, 100)).changed == 0
 
 
 async def test_backlog(settings: config.Settings, conns: list[db.Connection]) -> None:
     conn = conns[0]
-    assert await S.backlog(conn, 1000) == (0, 0.0, 0)
+    assert await S.backlog(conn, 1000) == store.Backlog(0, 0.0, 0, 0, {})
     ids = await helpers.write(settings, *(helpers.event(f"b-{i}") for i in range(5)))
     rows = await helpers.rows_by_message_id(settings)
     await S.mark_failed(conn, rows[ids[0]]["id"], "bad_row: x")
+    await S.park(conn, [rows[ids[1]]["id"]])
+    await S.add_hold(
+        conn, ("order", "b-1"), 0, kind="poison", failed_id=1, reason="x", retry_in_s=None,
+        exists=False,
+    )  # fmt: skip
     await conn.commit()
-    count, age, failed = await S.backlog(conn, 1000)
-    assert (count, failed) == (4, 1)
-    assert age >= 0.0
-    assert (await S.backlog(conn, 2))[0] == 2  # capped
+    backlog = await S.backlog(conn, 1000)
+    assert (backlog.new, backlog.failed, backlog.held, backlog.holds) == (3, 1, 1, {"poison": 1})
+    assert backlog.oldest_age_s >= 0.0
+    assert (await S.backlog(conn, 2)).new == 2  # capped
 
 
 # ------------------------------------------------------------------ query plans
@@ -326,7 +345,8 @@ async def _explain(
     conn: db.Connection, name: str, params: dict[str, object]
 ) -> list[dict[str, Any]]:
     if name == "claim_union":  # the statement claim_rows really runs for 16 shards
-        sql, bound = queries.union_all(S.sql["claim_shard_rows"], "shard", 16), dict(params)
+        heads = queries.union_all(S.sql["claim_shard_heads"], "shard", 16)
+        sql, bound = S.sql["claim_rows"].replace("{candidates}", heads), dict(params)
     else:
         sql, bound = queries.bind(S.sql[name], params)
     async with conn.cursor() as cur:
@@ -336,11 +356,12 @@ async def _explain(
 
 
 def _assert_indexed(name: str, plan: list[dict[str, Any]], table_key: dict[str, str]) -> None:
-    """Each named table (alias) is read through the given index; no full scan, no filesort."""
+    """Each named table (alias) is read through the given index (``a|b``: either); no full
+    scan, no filesort."""
     for step in plan:
         assert "filesort" not in (step["Extra"] or ""), (name, plan)
         if step["table"] in table_key:
-            assert step["key"] == table_key[step["table"]], (name, plan)
+            assert step["key"] in table_key[step["table"]].split("|"), (name, plan)
             assert step["type"] != "ALL", (name, plan)
     assert {s["table"] for s in plan} >= set(table_key), (name, plan)
 
@@ -367,8 +388,20 @@ async def _fill_published(settings: config.Settings, rows: int) -> None:
 
 PLAN_CHECKS: list[tuple[str, dict[str, object], dict[str, str]]] = [
     # (statement, parameters, {table or alias: index it must use}); none may sort
-    ("claim_shard_rows", {"shard": 7, "limit": 500}, {"outbox": "ix_claim"}),
-    ("claim_union", {"limit": 32, **{f"shard__{i}": i for i in range(16)}}, {"outbox": "ix_claim"}),
+    ("claim_shard_heads", {"shard": 7, "limit": 500}, {"outbox": "ix_claim"}),
+    (
+        "claim_union",
+        {"limit": 32, "max_bytes": 1 << 24, **{f"shard__{i}": i for i in range(16)}},
+        {"outbox": "ix_claim", "o": "PRIMARY"},
+    ),
+    ("due_holds", {"shards": (1, 2, 3)}, {"outbox_hold": "ix_hold_due"}),
+    ("holds_of", {"aggregate_ids": ("a", "b")}, {"outbox_hold": "PRIMARY"}),
+    ("park_rows", {"ids": (1, 2, 3)}, {"outbox": "PRIMARY"}),
+    (
+        "unpark_aggregate",
+        {"shard": 3, "aggregate_type": "order", "aggregate_id": "a"},
+        {"outbox": "ix_claim|ix_clean"},  # either is a range over held rows only
+    ),
     ("ready_shards", {}, {"o": "ix_claim", "s": "PRIMARY"}),
     ("lock_shards", {"shards": tuple(range(10, 40)), "limit": 16}, {"outbox_shard": "PRIMARY"}),
     ("backlog_oldest_age", {}, {"x": "ix_claim", "o": "PRIMARY"}),
@@ -402,7 +435,7 @@ async def test_claim_returns_only_new_rows_among_many_published(
     ready = await S.ready_shards(conn)
     await conn.begin()
     shards = await S.lock_shards(conn, ready, 64)
-    rows = await S.claim_rows(conn, shards, 1000)
+    rows = await S.claim_rows(conn, list(shards), 1000, MAX_BYTES)
     await conn.rollback()
     assert {r.message_id for r in rows} == set(ids)
 
@@ -421,7 +454,7 @@ async def test_statements_raise_no_server_warnings(
         ready = await S.ready_shards(conn)
         await conn.begin()
         shards = await S.lock_shards(conn, ready, 4)
-        rows = await S.claim_rows(conn, shards, 10)
+        rows = await S.claim_rows(conn, list(shards), 10, MAX_BYTES)
         await S.mark_published(conn, [r.id for r in rows])
         await conn.commit()
         await S.backlog(conn, 10)

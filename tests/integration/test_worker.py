@@ -169,7 +169,7 @@ class StalledPublisher(publisher.Publisher):
         self.release = asyncio.Event()
         self.calls = 0
 
-    async def publish(self, records: Sequence[envelope.Record]) -> publisher.Outcome:
+    async def publish(self, records: Sequence[envelope.Record]) -> list[publisher.Result]:
         self.calls += 1
         await self.release.wait()
         return await super().publish(records)

@@ -163,7 +163,7 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 
 @pytest.mark.parametrize("command", ["schema", "migrate", "run"])
-def test_cli_bad_setting_exits_2_with_one_stderr_line(clean_env: Path, command: str) -> None:
+def test_cli_bad_setting_exits_78_with_one_stderr_line(clean_env: Path, command: str) -> None:
     (clean_env / "relay_db__password").write_text(SECRET)
     proc = _cli(
         [command],
@@ -173,7 +173,7 @@ def test_cli_bad_setting_exits_2_with_one_stderr_line(clean_env: Path, command: 
             "RELAY_KAFKA__SASL_PASSWORD": SECRET,
         },
     )
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 78, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("relay: invalid configuration: ")
@@ -182,9 +182,9 @@ def test_cli_bad_setting_exits_2_with_one_stderr_line(clean_env: Path, command: 
     assert proc.stdout == ""
 
 
-def test_cli_broken_group_json_exits_2(clean_env: Path) -> None:
+def test_cli_broken_group_json_exits_78(clean_env: Path) -> None:
     proc = _cli(["schema"], {"RELAY_SECRETS_DIR": str(clean_env), "RELAY_DB": "{"})
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 78, proc.stderr
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "RELAY_DB" in proc.stderr
 
@@ -194,3 +194,86 @@ def test_cli_schema_with_valid_settings_exits_0(clean_env: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "CREATE TABLE IF NOT EXISTS `events`" in proc.stdout
     assert "CREATE TABLE IF NOT EXISTS `events_shard`" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RELAY_WORKERS__COUNT", "2"),  # a typo in the group
+        ("RELAY_WORKER__COUNTS", "2"),  # a typo in the name
+        ("relay_nope__x", "1"),  # an unknown group, any case
+    ],
+)
+def test_unknown_setting_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(config.ConfigError, match=name.upper()):
+        config.load()
+
+
+def test_variables_without_a_group_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kubernetes service links for a Service named "relay" inject RELAY_PORT and friends."""
+    monkeypatch.setenv("RELAY_PORT", "tcp://10.0.0.1:9108")
+    monkeypatch.setenv("RELAY_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("RELAY_PORT_9108_TCP_ADDR", "10.0.0.1")
+    assert config.load().http.port == 9108
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        ("x.{aggregate_type}}", "Single '}'"),
+        ("x.{aggregate_type", "expected '}'"),
+        ("x.{nope}", "unknown placeholder {nope}"),
+        ("x.{aggregate_type!r}", "unknown placeholder"),
+        ("a topic.{aggregate_type}", "valid Kafka topic name"),
+    ],
+)
+def test_bad_topic_template_is_refused_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, template: str, why: str
+) -> None:
+    monkeypatch.setenv("RELAY_OUTBOX__TOPIC_TEMPLATE", template)
+    with pytest.raises(config.ConfigError, match="RELAY_OUTBOX__TOPIC_TEMPLATE") as raised:
+        config.load()
+    assert why in str(raised.value)
+
+
+def test_old_backlog_names_still_work_and_new_ones_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_HTTP__BACKLOG_SAMPLE_INTERVAL_S", "7")
+    monkeypatch.setenv("RELAY_HTTP__BACKLOG_COUNT_CAP", "10")
+    monkeypatch.setenv("RELAY_BACKLOG__COUNT_CAP", "20")
+    settings = config.load()
+    assert settings.backlog.sample_interval_s == 7.0
+    assert settings.backlog.count_cap == 20
+
+
+@pytest.mark.parametrize("command", ["run", "check", "migrate"])
+def test_cli_unknown_setting_exits_78(clean_env: Path, command: str) -> None:
+    proc = _cli([command], {"RELAY_SECRETS_DIR": str(clean_env), "RELAY_WORKERS__COUNT": "2"})
+    assert proc.returncode == 78, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "relay: invalid configuration: unknown setting(s) RELAY_WORKERS__COUNT"
+        " (see the settings table in README.md)"
+    ]
+
+
+@pytest.mark.parametrize("command", ["migrate", "replay", "failed", "check"])
+def test_cli_unreachable_database_is_one_line_and_exit_3(clean_env: Path, command: str) -> None:
+    env = {
+        "RELAY_SECRETS_DIR": str(clean_env),
+        "RELAY_DB__PORT": "1",
+        "RELAY_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1",
+        "RELAY_KAFKA__REQUEST_TIMEOUT_S": "1",
+    }
+    proc = _cli([command], env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    if command == "check":  # its findings are its output, one line each, nothing else
+        assert proc.stdout.splitlines()[0].startswith("FAIL database: cannot connect")
+        assert all(ln.startswith(("ok  ", "FAIL")) for ln in proc.stdout.splitlines())
+    else:
+        assert proc.stderr.splitlines() == [
+            f"relay {command}: OperationalError: (2003, \"Can't connect to MySQL server on"
+            " '127.0.0.1'\")"
+        ]

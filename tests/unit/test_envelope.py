@@ -88,10 +88,11 @@ def test_invalid_topic_is_poison(row: envelope.Row) -> None:
     assert poison_reason(make_formatter(), row) == "invalid_topic"
 
 
-def test_template_with_empty_source_table_is_poison_when_invalid() -> None:
-    # source_table NULL makes "{source_table}" empty: the template alone must still be valid
-    formatter = make_formatter(topic_template="{source_table}")
-    assert poison_reason(formatter, make_row(source_table=None)) == "invalid_topic"
+def test_template_field_the_row_leaves_empty_is_poison() -> None:
+    formatter = make_formatter(topic_template="cdc.{source_table}")
+    assert poison_reason(formatter, make_row(source_table=None)) == "bad_row"
+    # a row with its own topic does not need the template
+    assert formatter.topic(make_row(source_table=None, topic="explicit")) == "explicit"
 
 
 def test_longest_valid_topic_is_accepted() -> None:
@@ -175,7 +176,30 @@ def test_envelope_without_payload_has_no_payload_field() -> None:
 
 
 def test_envelope_with_non_json_payload_is_poison() -> None:
-    assert poison_reason(make_formatter(), make_row(payload=b"\x00\x01binary")) == "bad_row"
+    assert poison_reason(make_formatter(), make_row(payload=b"\x00\x01binary")) == "bad_json"
+
+
+@pytest.mark.parametrize("column", ["before_state", "after_state"])
+@pytest.mark.parametrize(
+    "text",
+    ['{"a":"\\q","b":1.}', '{"a": 1,}', "{'a': 1}", '{"a": NaN}'],
+    ids=["bad-escape-and-number", "trailing-comma", "single-quotes", "nan"],
+)
+def test_json_the_server_accepts_but_parsers_refuse_is_poison(column: str, text: str) -> None:
+    """MariaDB's JSON_VALID accepts some of these; consumers' parsers do not."""
+    assert poison_reason(make_formatter(), make_row(**{column: text})) == "bad_json"
+
+
+@pytest.mark.parametrize("name", ["message_id", "event_type", "aggregate_type"])
+def test_reserved_header_names_are_poison(name: str) -> None:
+    row = make_row(headers=orjson.dumps({name: "mine"}).decode())
+    assert poison_reason(make_formatter(), row) == "bad_headers"
+
+
+def test_record_carries_its_aggregate() -> None:
+    row = make_row()
+    record = make_formatter().record(row, CAPTURE_US)
+    assert record.aggregate == (row.aggregate_type, row.aggregate_id)
 
 
 def test_payload_mode_sends_raw_payload() -> None:

@@ -15,33 +15,63 @@ QUERY_NAMES = {
     "session_lock_wait",
     "ready_shards",
     "lock_shards",
-    "claim_shard_rows",
+    "claim_shard_heads",
+    "claim_rows",
+    "due_holds",
+    "holds_of",
+    "park_rows",
+    "unpark_aggregate",
+    "insert_hold",
+    "update_hold",
+    "open_hold",
+    "delete_hold",
+    "count_shard_holds",
     "mark_published",
     "mark_failed",
     "note_attempt",
     "backlog_count",
     "failed_count",
+    "held_count",
+    "hold_counts",
     "backlog_oldest_age",
     "cleaner_lock",
     "cleaner_unlock",
     "expired_ids",
+    "expired_skipped_ids",
     "delete_ids",
-    "replay_failed",
-    "replay_failed_ids",
+    "failed_rows",
+    "row_by_id",
+    "hold_of",
+    "holds_list",
+    "lock_shard_wait",
+    "replay_row",
+    "skip_row",
     "insert_event",
     "ping",
     "server_version",
     "table_indexes",
     "table_columns",
     "shard_rows",
+    "schema_version",
+    "column_type",
+    "table_names",
     "topics_of_new_rows",
 }
-SCHEMA_NAMES = {"create_outbox", "create_outbox_shard", "seed_outbox_shard"}
+SCHEMA_NAMES = {
+    "create_outbox",
+    "create_outbox_shard",
+    "seed_outbox_shard",
+    "create_outbox_hold",
+    "create_outbox_meta",
+    "record_schema_version",
+}
+UPGRADE_NAMES = {"outbox_statuses_v2", "outbox_resolved_v2", "shard_holds_v2"}
 
 
 def test_expected_names_exist() -> None:
     assert set(queries.load("queries.sql", "outbox").statements) == QUERY_NAMES
     assert set(queries.load("schema.sql", "outbox").statements) == SCHEMA_NAMES
+    assert set(queries.load("upgrade.sql", "outbox").statements) == UPGRADE_NAMES
 
 
 def test_every_name_the_store_uses_exists() -> None:
@@ -53,19 +83,22 @@ def test_every_name_the_store_uses_exists() -> None:
 
 
 def test_statements_are_clean_single_statements() -> None:
-    for filename in ("queries.sql", "schema.sql"):
+    for filename in ("queries.sql", "schema.sql", "upgrade.sql"):
         for name, sql in queries.load(filename, "outbox").statements.items():
             assert sql, name
             assert not sql.rstrip().endswith(";"), name
             assert "{outbox" not in sql, name
+            assert "{candidates}" not in sql or name == "claim_rows", name
             assert not any(line.lstrip().startswith("--") for line in sql.splitlines()), name
 
 
 def test_table_names_are_quoted_and_substituted() -> None:
     q = queries.load("queries.sql", "events_v2")
-    assert "FROM `events_v2`" in q["claim_shard_rows"]
+    assert "FROM `events_v2`" in q["claim_shard_heads"]
     assert "FROM `events_v2_shard`" in q["lock_shards"]
-    assert "`outbox`" not in q["claim_shard_rows"]
+    assert "FROM `events_v2_hold`" in q["holds_of"]
+    assert "FROM `events_v2_meta`" in q["schema_version"]
+    assert "`outbox`" not in q["claim_shard_heads"]
     schema = queries.load("schema.sql", "events_v2")
     assert "CREATE TABLE IF NOT EXISTS `events_v2` (" in schema["create_outbox"]
     assert "CREATE TABLE IF NOT EXISTS `events_v2_shard` (" in schema["create_outbox_shard"]
@@ -73,13 +106,14 @@ def test_table_names_are_quoted_and_substituted() -> None:
 
 def test_parameters_of_claim_and_mark() -> None:
     q = queries.load("queries.sql", "outbox")
-    assert set(re.findall(r"%\((\w+)\)s", q["claim_shard_rows"])) == {"shard", "limit"}
+    assert set(re.findall(r"%\((\w+)\)s", q["claim_shard_heads"])) == {"shard", "limit"}
+    assert set(re.findall(r"%\((\w+)\)s", q["claim_rows"])) == {"max_bytes"}
     # the shard lock makes the worker the only claimer: the row read must not lock (or walk)
     # rows of other shards
-    assert "FOR UPDATE" not in q["claim_shard_rows"]
+    assert "FOR UPDATE" not in q["claim_shard_heads"] + q["claim_rows"]
     assert "FOR UPDATE SKIP LOCKED" in q["lock_shards"]
     assert set(re.findall(r"%\((\w+)\)s", q["mark_published"])) == {"ids"}
-    assert "status = 'published'" in q["delete_ids"]
+    assert "status = %(status)s" in q["delete_ids"]
 
 
 def test_schema_shards_match_the_store() -> None:
@@ -93,6 +127,7 @@ def test_schema_shards_match_the_store() -> None:
 def test_schema_text_is_a_runnable_script() -> None:
     text = queries.schema_text("outbox")
     assert text.count(";\n") == len(SCHEMA_NAMES)
+    assert "INSERT INTO `outbox_meta`" in text  # a DBA running the script records the version
     assert text.index("CREATE TABLE IF NOT EXISTS `outbox` (") < text.index("INSERT IGNORE")
 
 

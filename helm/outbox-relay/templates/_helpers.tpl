@@ -59,7 +59,7 @@ Checks the values; renders nothing. Fails on settings the chart owns, keys that 
 RELAY_ settings, passwords in env, a missing Secret and a grace period too short to drain.
 */}}
 {{- define "outbox-relay.validate" -}}
-{{- $owned := list "RELAY_HTTP__PORT" "RELAY_WAKEUP__ENABLED" "RELAY_WAKEUP__PORT" "RELAY_SECRETS_DIR" }}
+{{- $owned := list "RELAY_HTTP__PORT" "RELAY_WAKEUP__ENABLED" "RELAY_WAKEUP__HOST" "RELAY_WAKEUP__PORT" "RELAY_SECRETS_DIR" }}
 {{- range $key, $value := .Values.env }}
 {{- if not (regexMatch "^RELAY_[A-Z0-9]+__[A-Z0-9_]+$" $key) }}
 {{- fail (printf "env.%s: keys must be relay settings named RELAY_<GROUP>__<FIELD> (use extraEnv for others)" $key) }}
@@ -101,6 +101,11 @@ RELAY_ settings, passwords in env, a missing Secret and a grace period too short
   value: {{ .Values.wakeup.enabled | quote }}
 - name: RELAY_WAKEUP__PORT
   value: {{ .Values.wakeup.port | quote }}
+{{- if .Values.wakeup.enabled }}
+{{- /* writers in other pods send to the Service: listen on the pod IP, not loopback */}}
+- name: RELAY_WAKEUP__HOST
+  value: "0.0.0.0"
+{{- end }}
 {{- range $key, $value := .Values.env }}
 {{- /* Helm reads numbers of values files as float64: 16777216 would print as 1.6777216e+07. */}}
 {{- if and (kindIs "float64" $value) (eq $value (float64 (int64 $value))) }}

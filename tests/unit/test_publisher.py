@@ -1,0 +1,115 @@
+"""The real Publisher over fake producers: enqueue order, stop after an enqueue failure, the
+one-by-one retry on its own producer, producer reset, dead-letter problems reported."""
+
+from __future__ import annotations
+
+import aiokafka.errors
+from unit import fakes
+
+from relay import config, envelope, publisher
+
+S = publisher.Status
+
+
+def _record(row_id: int, aggregate: str, topic: str = "t") -> envelope.Record:
+    value = f"v{row_id}".encode()
+    return envelope.Record(row_id, ("order", aggregate), topic, aggregate.encode(), value, [], 0)
+
+
+class Factory:
+    """Makes producers in turn; the n-th gets ``verdicts[n]`` (the last one repeats)."""
+
+    def __init__(
+        self, *verdicts: dict[bytes, BaseException], topics: frozenset[str] = frozenset({"t"})
+    ) -> None:
+        self.verdicts = list(verdicts) or [{}]
+        self.topics = set(topics)
+        self.made: list[fakes.FakeProducer] = []
+
+    def __call__(self) -> fakes.FakeProducer:
+        verdicts = self.verdicts[min(len(self.made), len(self.verdicts) - 1)]
+        producer = fakes.FakeProducer(self.topics, verdicts)
+        self.made.append(producer)
+        return producer
+
+
+async def _publisher(factory: Factory, dead_letter_topic: str | None = None) -> publisher.Publisher:
+    settings = config.Settings(outbox=config.OutboxSettings(dead_letter_topic=dead_letter_topic))
+    pub = publisher.Publisher(settings, producer_factory=factory)
+    await pub.start()
+    return pub
+
+
+async def test_all_acknowledged_in_order() -> None:
+    factory = Factory()
+    pub = await _publisher(factory)
+    records = [_record(i, "a" if i % 2 else "b") for i in range(1, 6)]
+    results = await pub.publish(records)
+    assert [r.status for r in results] == [S.ACKED] * 5
+    assert factory.made[0].sent == [r.value for r in records]
+
+
+async def test_nothing_is_enqueued_after_an_enqueue_failure() -> None:
+    factory = Factory()
+    pub = await _publisher(factory)
+    records = [_record(1, "a"), _record(2, "b"), _record(3, "a"), _record(4, "c")]
+    factory.made[0].send_errors[b"v2"] = aiokafka.errors.KafkaTimeoutError()  # buffer full
+    results = await pub.publish(records)
+    assert [r.status for r in results] == [S.ACKED, S.RETRY, S.NOT_SENT, S.NOT_SENT]
+    assert factory.made[0].sent == [b"v1"]
+
+
+async def test_missing_topic_holds_its_aggregate_only() -> None:
+    factory = Factory(topics=frozenset({"t"}))
+    pub = await _publisher(factory)
+    records = [_record(1, "a", "gone"), _record(2, "b"), _record(3, "a")]
+    results = await pub.publish(records)
+    assert [r.status for r in results] == [S.HOLD, S.ACKED, S.NOT_SENT]
+    assert results[0].reason == "unknown_topic"
+
+
+async def test_topic_authorization_failure_is_operational_not_poison() -> None:
+    denied = aiokafka.errors.TopicAuthorizationFailedError()
+    factory = Factory({b"v1": denied})
+    pub = await _publisher(factory)
+    results = await pub.publish([_record(1, "a"), _record(2, "b")])
+    assert [r.status for r in results] == [S.HOLD, S.ACKED]
+
+
+async def test_refused_batch_is_retried_alone_on_its_own_producer() -> None:
+    too_large = aiokafka.errors.MessageSizeTooLargeError()
+    # the main producer's batch (v1..v3) is refused whole; alone, only v2 is too large
+    factory = Factory({b"v1": too_large, b"v2": too_large, b"v3": too_large}, {b"v2": too_large})
+    pub = await _publisher(factory)
+    records = [_record(1, "a"), _record(2, "b"), _record(3, "b"), _record(4, "c")]
+    results = await pub.publish(records)
+    assert [r.status for r in results] == [S.ACKED, S.POISON, S.NOT_SENT, S.ACKED]
+    assert results[1].reason == "too_large"
+    main, replacement, solo, *_ = factory.made
+    assert main.stopped  # a refused batch breaks the idempotent sequence: reset
+    assert pub.producer is replacement
+    assert replacement.sent == []  # nothing else was ever batched with the retries
+    assert solo.sent == [b"v1", b"v2"]  # v3 waits behind its aggregate's refused record
+    assert pub.resets == 1
+
+
+async def test_out_of_order_sequence_resets_the_producer_and_retries() -> None:
+    factory = Factory({b"v1": aiokafka.errors.OutOfOrderSequenceNumber()}, {})
+    pub = await _publisher(factory)
+    results = await pub.publish([_record(1, "a")])
+    assert results[0].status is S.RETRY
+    assert pub.resets == 1
+    assert factory.made[0].stopped
+    results = await pub.publish([_record(1, "a")])
+    assert results[0].status is S.ACKED
+
+
+async def test_dead_letter_problem_is_reported_not_raised() -> None:
+    factory = Factory(topics=frozenset({"t"}))
+    pub = await _publisher(factory, dead_letter_topic="dlq")
+    store = fakes.FakeStore()
+    row = store.insert("a")
+    problem = await pub.dead_letter([(row, "too_large", "big")])
+    assert problem == "dead-letter topic 'dlq' does not exist"
+    factory.made[0].client.known.add("dlq")
+    assert await pub.dead_letter([(row, "too_large", "big")]) is None
