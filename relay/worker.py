@@ -18,7 +18,9 @@ One cycle is one READ COMMITTED transaction:
 
 Errors are sorted by :func:`relay.errors.classify`: a passing or operational failure rolls the
 cycle back (rows stay new) and backs the worker off, up to ``backoff_max_s``; after
-``unready_after_failed_cycles`` failed cycles in a row the worker reports not ready. A bug
+``unready_after_failed_cycles`` failed cycles in a row the worker reports not ready. After a
+mark step failed, each cycle first proves that marking works (an UPDATE matching no row) before
+it publishes again, so a revoked grant does not republish the batch at every retry. A bug
 propagates: the daemon stops with exit code 1. Pacing: after a claim the worker looks again
 after ``claim_linger_s``; when idle it waits for a wake-up or the poll interval. Shutdown is an
 event: the cycle in flight ends normally; the mark-and-commit step is never interrupted by a
@@ -76,6 +78,7 @@ class Worker:
         self._waker = waker
         self._conn: db.Connection | None = None
         self._holds: list[store.Hold] = []  # of the shards owned in the current cycle
+        self._mark_failed = False  # the last mark step failed: probe it before publishing
         self._log = log.bind(worker=name)
         self.published = 0
         self.failed = 0
@@ -162,6 +165,10 @@ class Worker:
                 await (conn.commit() if parked else conn.rollback())
                 return parked
             metrics.batch_size.observe(len(rows))
+            if self._mark_failed:
+                # The last mark step failed (a revoked grant, say): prove it works again before
+                # publishing anything, or every retry would publish the batch once more.
+                await self._store.mark_published(conn, [0])
             result = await self._publish(rows)
         except BaseException:
             await self._rollback()
@@ -272,8 +279,10 @@ class Worker:
         except BaseException as exc:
             await self._rollback()
             if isinstance(exc, Exception) and errors.classify(exc) is not errors.Kind.BUG:
+                self._mark_failed = True
                 raise CycleFailedError("mark", errors.one_line(exc)) from exc
             raise
+        self._mark_failed = False
         metrics.mark_duration.observe(time.perf_counter() - started)
         now = time.time()
         for row in plan.published:

@@ -285,8 +285,8 @@ class FakeStore:
         self._check("mark_published")
         changed = 0
         for row_id in ids:
-            row = self.rows[row_id]
-            if row.status == "new":
+            row = self.rows.get(row_id)  # an id that matches no row changes nothing
+            if row is not None and row.status == "new":
                 self._set_status(conn, row, "published")
                 row.attempts += 1
                 changed += 1
