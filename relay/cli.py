@@ -61,7 +61,8 @@ async def _check(settings: config.Settings, _: argparse.Namespace) -> int:
 
     results = await preflight.run(settings)
     for result in results:
-        print(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {result.detail}")
+        mark = "FAIL" if not result.ok else "warn" if result.warn else "ok  "
+        print(f"{mark} {result.name}: {result.detail}")
     return max((r.exit_code for r in results), default=0)
 
 

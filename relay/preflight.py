@@ -13,6 +13,7 @@ class Result:
     name: str
     ok: bool
     detail: str
+    warn: bool = False  # ok, but worth a look (printed as "warn")
 
     @property
     def exit_code(self) -> int:
@@ -38,6 +39,10 @@ async def run(settings: config.Settings) -> list[Result]:
                 problems = await grant_problems(s, conn)
                 detail = "; ".join(problems) or "every statement the relay runs is allowed"
                 results.append(Result("grants", not problems, detail))
+                excess = excess_privileges(await s.grants(conn))
+                if excess:
+                    detail = f"more than the relay needs: {'; '.join(excess)}"
+                    results.append(Result("privileges", True, detail, warn=True))
                 routes = await s.routing_of_new_rows(conn, 10000)
     except Exception as exc:
         if errors.classify(exc) is errors.Kind.BUG:
@@ -60,6 +65,23 @@ async def verify(settings: config.Settings) -> None:
             problems = await grant_problems(s, conn)
     if problems:
         raise errors.MissingError("; ".join(problems))
+
+
+# Privileges no relay needs; least privilege is in README.md ("Grants").
+EXCESS = ("ALL PRIVILEGES", "SUPER", "FILE", "PROCESS", "SHUTDOWN", "CREATE USER", "RELOAD")
+
+
+def excess_privileges(grants: list[str]) -> list[str]:
+    """What in the user's GRANT statements goes beyond what the relay needs."""
+    found: list[str] = []
+    for grant in grants:
+        upper = grant.upper()
+        on = upper.partition(" ON ")[2].partition(" TO ")[0].strip()
+        found += [f"{name} ON {on}" for name in EXCESS if f"GRANT {name}" in upper
+                  or f", {name}" in upper]  # fmt: skip
+        if "WITH GRANT OPTION" in upper:
+            found.append(f"GRANT OPTION ON {on}")
+    return found
 
 
 def _schema_ok(s: store.Store) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import re
 import warnings
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ Cursor = Any  # aiomysql.Cursor or pymysql.cursors.Cursor
 EXPECTED_INDEXES = frozenset({"PRIMARY", "ux_message_id", "ix_claim", "ix_clean"})
 SHARDS = 64
 SCHEMA_VERSION = 2  # what schema.sql creates and this relay knows
+_PASSWORD = re.compile(r"IDENTIFIED (BY PASSWORD|VIA|WITH) .*?(?= WITH |$)", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -208,6 +210,11 @@ class Store:
 
     async def columns(self, conn: Connection) -> set[str]:
         return {r[0] for r in await self._rows(conn, "table_columns", {"table": self.table})}
+
+    async def grants(self, conn: Connection) -> list[str]:
+        """The current user's GRANT statements, password hashes removed."""
+        rows = await self._rows(conn, "current_grants", {})
+        return [_PASSWORD.sub("IDENTIFIED BY PASSWORD <hidden>", str(r[0])) for r in rows]
 
     async def shard_rows(self, conn: Connection) -> int:
         return int(await self._scalar(conn, "shard_rows", {}))

@@ -261,6 +261,10 @@ WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %(table)s
 -- name: shard_rows
 SELECT COUNT(*) FROM {outbox_shard}
 
+-- name: current_grants
+-- The relay user's grants (for `relay check`'s warning about privileges it does not need).
+SHOW GRANTS FOR CURRENT_USER()
+
 -- name: schema_version
 SELECT value FROM {outbox_meta} WHERE name = 'schema_version'
 

@@ -101,6 +101,9 @@ def test_migrate_then_check(
     for name in ("database", "schema", "grants", "kafka", "topics"):
         assert any(line.startswith(f"ok   {name}:") for line in lines), (name, proc.stdout)
     assert not any(line.startswith("FAIL") for line in lines)
+    # the local test user has ALL WITH GRANT OPTION: said, without its password hash
+    assert "warn privileges: more than the relay needs: ALL PRIVILEGES ON *.*" in proc.stdout
+    assert "PASSWORD '*" not in proc.stdout
     # the check's grant test rolled back: the row is still new
     conn = mariadb.connect(database)
     try:

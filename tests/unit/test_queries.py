@@ -52,6 +52,7 @@ QUERY_NAMES = {
     "table_indexes",
     "table_columns",
     "shard_rows",
+    "current_grants",
     "schema_version",
     "column_type",
     "table_names",
