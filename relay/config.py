@@ -56,7 +56,14 @@ ListenPort = Annotated[int, pydantic.Field(ge=0, le=65535)]  # 0: any free port
 
 
 class DatabaseSettings(pydantic.BaseModel):
-    """Connection to the MySQL/MariaDB database that holds the outbox table."""
+    """Connection to the MySQL/MariaDB database that holds the outbox table.
+
+    TLS as MySQL clients name it (``--ssl-mode``): ``disabled``; ``preferred`` (the default, as
+    for MySQL clients: TLS when the server offers it, else plain; the certificate is not
+    checked); ``required`` (TLS or no connection; not checked); ``verify_ca`` (the server's
+    certificate must chain to ``ssl_ca``, or to the system's CAs without it); ``verify_identity``
+    (and it must name ``host``).
+    """
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
@@ -66,6 +73,37 @@ class DatabaseSettings(pydantic.BaseModel):
     password: pydantic.SecretStr = pydantic.SecretStr("")
     name: str = "outbox"
     connect_timeout_s: PositiveFloat = 5.0
+    ssl_mode: Literal["disabled", "preferred", "required", "verify_ca", "verify_identity"] = (
+        "preferred"
+    )
+    ssl_ca: str | None = None
+    ssl_cert: str | None = None
+    ssl_key: str | None = pydantic.Field(default=None, validate_default=True)  # checks the pair
+
+    @pydantic.field_validator("ssl_ca", "ssl_cert", "ssl_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value  # an empty variable, as templates leave it
+
+    @pydantic.field_validator("ssl_ca")
+    @classmethod
+    def _ca(cls, value: str | None, info: pydantic.ValidationInfo) -> str | None:
+        mode = info.data.get("ssl_mode")
+        if value is not None and mode is not None and mode not in ("verify_ca", "verify_identity"):
+            raise ValueError(
+                f"is only used with RELAY_DB__SSL_MODE=verify_ca or verify_identity (not {mode}:"
+                " it would check nothing)"
+            )
+        return value
+
+    @pydantic.field_validator("ssl_key")
+    @classmethod
+    def _client_certificate(cls, value: str | None, info: pydantic.ValidationInfo) -> str | None:
+        if (value is None) != (info.data.get("ssl_cert") is None):
+            raise ValueError("RELAY_DB__SSL_CERT and RELAY_DB__SSL_KEY go together")
+        if value is not None and info.data.get("ssl_mode") == "disabled":
+            raise ValueError("a client certificate is not used with RELAY_DB__SSL_MODE=disabled")
+        return value
 
 
 class KafkaSettings(pydantic.BaseModel):
@@ -79,12 +117,39 @@ class KafkaSettings(pydantic.BaseModel):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
     sasl_password: pydantic.SecretStr | None = None
+    # TLS (security_protocol SSL or SASL_SSL): the system's CAs unless ssl_cafile; a client
+    # certificate (mTLS) with ssl_certfile (its key in ssl_keyfile or in the same file).
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_key_password: pydantic.SecretStr | None = None
+    ssl_check_hostname: bool = True
     linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.002
     max_batch_bytes: Annotated[int, pydantic.Field(ge=16384)] = 524288
     max_request_bytes: Annotated[int, pydantic.Field(ge=1024)] = 1048576
     compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "lz4"
     request_timeout_s: PositiveFloat = 10.0
     metadata_max_age_s: PositiveFloat = 60.0
+
+    @pydantic.field_validator(
+        "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password", mode="before"
+    )
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value  # an empty variable, as templates leave it
+
+    @pydantic.field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password")
+    @classmethod
+    def _tls_only(cls, value: object, info: pydantic.ValidationInfo) -> object:
+        protocol = info.data.get("security_protocol")
+        if value is not None and protocol is not None and protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(
+                f"is only used with RELAY_KAFKA__SECURITY_PROTOCOL=SSL or SASL_SSL (not {protocol})"
+            )
+        needs_certificate = info.field_name in ("ssl_keyfile", "ssl_key_password")
+        if value is not None and needs_certificate and not info.data.get("ssl_certfile"):
+            raise ValueError("needs RELAY_KAFKA__SSL_CERTFILE (the client certificate)")
+        return value
 
 
 class OutboxSettings(pydantic.BaseModel):
@@ -97,6 +162,7 @@ class OutboxSettings(pydantic.BaseModel):
     value_format: Literal["envelope", "payload"] = "envelope"
     dead_letter_topic: str | None = None
     on_poison: Literal["hold", "skip"] = "hold"
+    record_timestamp: Literal["send_time", "event_time"] = "send_time"
 
     @pydantic.field_validator("table")
     @classmethod

@@ -53,6 +53,7 @@ class Record:
     value: bytes
     headers: list[tuple[str, bytes]]
     event_us: int
+    timestamp_ms: int | None = None  # the record's timestamp; None: the producer's clock
 
 
 class PoisonRowError(Exception):
@@ -71,6 +72,7 @@ class Formatter:
     value_format: str
     source_db: str
     max_record_bytes: int
+    event_time_stamps: bool = False  # the record timestamp is the row's event_time
 
     @classmethod
     def from_settings(cls, settings: config.Settings) -> Formatter:
@@ -79,6 +81,7 @@ class Formatter:
             value_format=settings.outbox.value_format,
             source_db=settings.db.name,
             max_record_bytes=settings.kafka.max_request_bytes - RECORD_OVERHEAD_BYTES,
+            event_time_stamps=settings.outbox.record_timestamp == "event_time",
         )
 
     def topic(self, row: Row) -> str:
@@ -109,7 +112,10 @@ class Formatter:
                 f"record of {size} bytes exceeds RELAY_KAFKA__MAX_REQUEST_BYTES "
                 f"({self.max_record_bytes + RECORD_OVERHEAD_BYTES} incl. overhead)",
             )
-        return Record(row.id, row.aggregate, self.topic(row), key, value, headers, row.event_us)
+        timestamp_ms = row.event_us // 1000 if self.event_time_stamps else None
+        return Record(
+            row.id, row.aggregate, self.topic(row), key, value, headers, row.event_us, timestamp_ms
+        )
 
     def envelope(self, row: Row, capture_us: int) -> bytes:
         """The design note's domain event: pk, op, before, after, source, event and capture time."""

@@ -112,13 +112,85 @@ def producer_options(settings: config.KafkaSettings) -> dict[str, Any]:
         "security_protocol": settings.security_protocol,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = ssl.create_default_context()
+        options["ssl_context"] = ssl_context(settings)
     if settings.sasl_mechanism:
         options["sasl_mechanism"] = settings.sasl_mechanism
         options["sasl_plain_username"] = settings.sasl_username
         if settings.sasl_password is not None:
             options["sasl_plain_password"] = settings.sasl_password.get_secret_value()
     return options
+
+
+def ssl_context(settings: config.KafkaSettings) -> ssl.SSLContext:
+    """The TLS context of ``RELAY_KAFKA__SSL_*``: the server's certificate checked against
+    ``ssl_cafile`` (the system's CAs without it), and its host name unless
+    ``ssl_check_hostname`` is false; a client certificate (mTLS) from ``ssl_certfile``. TLS 1.2
+    or later. Raises ConfigError naming the variable when a file cannot be used."""
+    try:
+        context = ssl.create_default_context(cafile=settings.ssl_cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.ConfigError(
+            f"invalid configuration: RELAY_KAFKA__SSL_CAFILE: cannot load {settings.ssl_cafile}:"
+            f" {_tls_reason(exc)}"
+        ) from None
+    context.check_hostname = settings.ssl_check_hostname
+    if settings.ssl_certfile:
+        password = settings.ssl_key_password
+        try:
+            context.load_cert_chain(
+                settings.ssl_certfile,
+                settings.ssl_keyfile,
+                password.get_secret_value() if password is not None else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise errors.ConfigError(
+                "invalid configuration: RELAY_KAFKA__SSL_CERTFILE/RELAY_KAFKA__SSL_KEYFILE"
+                f"/RELAY_KAFKA__SSL_KEY_PASSWORD: cannot load {settings.ssl_certfile}"
+                f"{', ' + settings.ssl_keyfile if settings.ssl_keyfile else ''}:"
+                f" {_tls_reason(exc)}"
+            ) from None
+    return context
+
+
+async def connect_problem(settings: config.KafkaSettings) -> str | None:
+    """Why the bootstrap servers refuse a connection, in one line, or None when one takes it.
+
+    aiokafka raises only "Unable to bootstrap from [...]" when no bootstrap server lets it in
+    and logs the reason (a certificate that does not verify, a SASL password that is wrong);
+    this opens one connection per server with the producer's own options to find it out.
+    """
+    from aiokafka import conn as kafka_conn  # noqa: PLC0415 - only when something failed
+
+    options = producer_options(settings)
+    problems = []
+    for host, port, _ in kafka_conn.collect_hosts(settings.bootstrap_servers, randomize=False):
+        try:
+            conn = await kafka_conn.create_conn(
+                host,
+                port,
+                client_id=settings.client_id,
+                request_timeout_ms=options["request_timeout_ms"],
+                ssl_context=options.get("ssl_context"),
+                security_protocol=settings.security_protocol,
+                sasl_mechanism=options.get("sasl_mechanism"),
+                sasl_plain_username=options.get("sasl_plain_username"),
+                sasl_plain_password=options.get("sasl_plain_password"),
+            )
+        except Exception as exc:  # noqa: BLE001 - what the broker said is the answer
+            problems.append(f"{host}:{port}: {_tls_reason(exc)}")
+        else:
+            conn.close()
+            return None
+    return "; ".join(problems) or "no bootstrap server"
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """``certificate verify failed: unable to get local issuer certificate``, say."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"TLS: certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"TLS: {exc.reason.lower().replace('_', ' ')}"
+    return errors.one_line(exc)
 
 
 class Publisher:
@@ -248,7 +320,11 @@ class Publisher:
                 continue
             try:
                 future = await producer.send(
-                    record.topic, record.value, key=record.key, headers=record.headers
+                    record.topic,
+                    record.value,
+                    key=record.key,
+                    headers=record.headers,
+                    timestamp_ms=record.timestamp_ms,
                 )
             except aiokafka.errors.KafkaError as exc:
                 results[i] = sort(exc)
@@ -285,7 +361,11 @@ class Publisher:
                 solo = self._solo
                 try:
                     await solo.send_and_wait(
-                        record.topic, record.value, key=record.key, headers=record.headers
+                        record.topic,
+                        record.value,
+                        key=record.key,
+                        headers=record.headers,
+                        timestamp_ms=record.timestamp_ms,
                     )
                 except aiokafka.errors.KafkaError as exc:
                     results[i] = sort(exc)

@@ -420,7 +420,13 @@ class FakeProducer:
         self.stopped = True
 
     async def send(
-        self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes,
+        headers: list[tuple[str, bytes]],
+        timestamp_ms: int | None = None,
     ) -> asyncio.Future[None]:
         if value in self.send_errors:
             raise self.send_errors[value]
@@ -435,9 +441,15 @@ class FakeProducer:
         return future
 
     async def send_and_wait(
-        self, topic: str, value: bytes, *, key: bytes, headers: list[tuple[str, bytes]]
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes,
+        headers: list[tuple[str, bytes]],
+        timestamp_ms: int | None = None,
     ) -> None:
-        await (await self.send(topic, value, key=key, headers=headers))
+        await (await self.send(topic, value, key=key, headers=headers, timestamp_ms=timestamp_ms))
 
 
 def timeout_error() -> aiokafka.errors.KafkaError:
