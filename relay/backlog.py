@@ -18,7 +18,9 @@ class BacklogSampler:
         connect: Callable[[], Awaitable[db.Connection]] | None = None,
     ) -> None:
         self._settings = settings
-        self._store: store.Observing = store_ or store.Store(settings.outbox.table)
+        self._store: store.Observing = store_ or store.Store(
+            settings.outbox.table, settings.db.call_timeout_s
+        )
         self._connect = connect or (lambda: db.connect(settings))
         self._stop = stop
         self._conn: db.Connection | None = None

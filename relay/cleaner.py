@@ -22,7 +22,7 @@ class Cleaner:
     def __init__(self, settings: config.Settings, stop: asyncio.Event) -> None:
         self._settings = settings
         self._cleaner = settings.cleaner
-        self._store = store.Store(settings.outbox.table)
+        self._store = store.Store(settings.outbox.table, settings.db.call_timeout_s)
         self._stop = stop
         self.lock_name = f"outbox-relay-cleaner:{settings.db.name}.{settings.outbox.table}"
 

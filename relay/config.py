@@ -73,6 +73,7 @@ class DatabaseSettings(pydantic.BaseModel):
     password: pydantic.SecretStr = pydantic.SecretStr("")
     name: str = "outbox"
     connect_timeout_s: PositiveFloat = 5.0
+    call_timeout_s: PositiveFloat = 15.0  # bound of every statement of the daemon's loops
     ssl_mode: Literal["disabled", "preferred", "required", "verify_ca", "verify_identity"] = (
         "preferred"
     )

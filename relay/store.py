@@ -7,6 +7,7 @@ caller's business, except where a method says it commits.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import operator
@@ -132,6 +133,7 @@ class Observing(Protocol):
 @dataclasses.dataclass(frozen=True)
 class Store:
     table: str
+    timeout_s: float | None = None  # bound of each statement (None: the server's own limits)
 
     @property
     def sql(self) -> queries.Queries:
@@ -147,10 +149,22 @@ class Store:
 
     # -- session and schema ------------------------------------------------------------------
 
-    async def prepare_session(self, conn: Connection, *, lock_wait_timeout_s: float) -> None:
+    async def prepare_session(
+        self, conn: Connection, *, lock_wait_timeout_s: float, idle_timeout_s: float | None = None
+    ) -> None:
+        """READ COMMITTED, UTC, a bounded lock wait; and with ``idle_timeout_s`` the server ends
+        the session when it idles that long inside a transaction (MariaDB's
+        ``idle_transaction_timeout``; MySQL has only ``wait_timeout``, for any idle session), so
+        that a relay gone silent (a network black hole) does not keep its shard locks."""
         await self._execute(conn, "session_isolation", {})
         await self._execute(conn, "session_time_zone", {})
         await self._execute(conn, "session_lock_wait", {"seconds": math.ceil(lock_wait_timeout_s)})
+        if idle_timeout_s is not None:
+            seconds = {"seconds": math.ceil(idle_timeout_s)}
+            if "mariadb" in str(conn.get_server_info()).lower():
+                await self._execute(conn, "session_idle_transaction_timeout", seconds)
+            else:
+                await self._execute(conn, "session_wait_timeout", seconds)
 
     async def migrate(self, conn: Connection) -> list[str]:
         """Create missing tables, upgrade existing ones in place, record the schema version.
@@ -277,9 +291,7 @@ class Store:
         params: dict[str, object] = {f"shard__{i}": s for i, s in enumerate(shards)}
         params["limit"] = per_shard
         params["max_bytes"] = max_bytes
-        async with conn.cursor() as cur:
-            await cur.execute(sql, params)
-            rows = await cur.fetchall()
+        rows = await self._fetch(conn, sql, params)
         return sorted((envelope.Row(*r) for r in rows), key=operator.attrgetter("id"))
 
     async def park(self, conn: Connection, ids: Sequence[int]) -> None:
@@ -446,15 +458,22 @@ class Store:
 
     async def _execute(self, conn: Connection, name: str, params: Mapping[str, object]) -> int:
         sql, bound = queries.bind(self.sql[name], params)
-        async with conn.cursor() as cur:
+        async with asyncio.timeout(self.timeout_s), conn.cursor() as cur:
             return int(await cur.execute(sql, bound))
 
     async def _rows(
         self, conn: Connection, name: str, params: Mapping[str, object]
     ) -> Sequence[tuple[Any, ...]]:
         sql, bound = queries.bind(self.sql[name], params)
-        async with conn.cursor() as cur:
-            await cur.execute(sql, bound)
+        return await self._fetch(conn, sql, bound)
+
+    async def _fetch(
+        self, conn: Connection, sql: str, params: Mapping[str, object]
+    ) -> Sequence[tuple[Any, ...]]:
+        """Run one statement and fetch its rows, within ``timeout_s`` (a connection whose call
+        timed out is in an unknown state: the caller drops it)."""
+        async with asyncio.timeout(self.timeout_s), conn.cursor() as cur:
+            await cur.execute(sql, params)
             rows: Sequence[tuple[Any, ...]] = await cur.fetchall()
             return rows
 

@@ -70,7 +70,10 @@ class Worker:
         self._settings = settings
         self._worker = settings.worker
         self._on_poison = settings.outbox.on_poison
-        self._store: store.Claiming = store_ or store.Store(settings.outbox.table)
+        self._store: store.Claiming = store_ or store.Store(
+            settings.outbox.table, settings.db.call_timeout_s
+        )
+        self._call_timeout_s = settings.db.call_timeout_s
         self._connect = connect or (lambda: db.connect(settings, autocommit=False))
         self._publisher = publisher_
         self._formatter = envelope.Formatter.from_settings(settings)
@@ -162,7 +165,8 @@ class Worker:
             rows, parked = await self._claim(conn)
             metrics.claim_duration.observe(time.perf_counter() - started)
             if not rows:
-                await (conn.commit() if parked else conn.rollback())
+                async with asyncio.timeout(self._call_timeout_s):
+                    await (conn.commit() if parked else conn.rollback())
                 return parked
             metrics.batch_size.observe(len(rows))
             if self._mark_failed:
@@ -239,8 +243,9 @@ class Worker:
                 if self._on_poison == "hold":
                     blocked.add(row.aggregate)  # its later rows wait behind the hold: not sent
         started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self._worker.publish_timeout_s
         try:
-            async with asyncio.timeout(self._worker.publish_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 outcome = await self._publisher.publish(records) if records else []
         except TimeoutError:
             raise CycleFailedError(
@@ -253,13 +258,15 @@ class Worker:
         results.update((r.row_id, o) for r, o in zip(records, outcome, strict=True))
         plan = ordering.plan(rows, results, self._on_poison)
         if plan.failed:
-            await self._dead_letter(plan)
+            await self._dead_letter(plan, deadline)
         return plan
 
-    async def _dead_letter(self, plan: ordering.Plan) -> None:
-        """Copy failed rows to the dead-letter topic; a failed copy is noted in the rows."""
+    async def _dead_letter(self, plan: ordering.Plan, deadline: float) -> None:
+        """Copy failed rows to the dead-letter topic within what is left of the publish time
+        (at least a second); a failed copy is noted in the rows, never rolled back."""
+        deadline = max(deadline, asyncio.get_running_loop().time() + 1.0)
         try:
-            async with asyncio.timeout(self._worker.publish_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 problem = await self._publisher.dead_letter(plan.failed)
         except TimeoutError:
             problem = "dead-letter copy timed out"
@@ -274,8 +281,9 @@ class Worker:
         """Record the plan and commit; then count and log. Runs shielded from cancellation."""
         started = time.perf_counter()
         try:
-            await self._record(conn, plan)
-            await conn.commit()
+            async with asyncio.timeout(self._call_timeout_s):
+                await self._record(conn, plan)
+                await conn.commit()
         except BaseException as exc:
             await self._rollback()
             if isinstance(exc, Exception) and errors.classify(exc) is not errors.Kind.BUG:
@@ -357,7 +365,8 @@ class Worker:
         if conn is None:
             return
         try:
-            await conn.rollback()
+            async with asyncio.timeout(self._call_timeout_s):
+                await conn.rollback()
         except Exception:  # noqa: BLE001 - the connection is dropped and rebuilt instead
             self._disconnect()
 

@@ -14,6 +14,14 @@ SET time_zone = '+00:00'
 -- name: session_lock_wait
 SET SESSION innodb_lock_wait_timeout = %(seconds)s
 
+-- name: session_idle_transaction_timeout
+-- MariaDB: end a session idle inside a transaction this long (its locks are released).
+SET SESSION idle_transaction_timeout = %(seconds)s
+
+-- name: session_wait_timeout
+-- MySQL (no idle_transaction_timeout): end a session idle this long.
+SET SESSION wait_timeout = %(seconds)s
+
 -- name: ready_shards
 -- Shards that have new rows, with the id of their oldest one: one ix_claim dive per shard
 -- (64 in all) whatever the table holds, published rows and backlog alike; and shards with a

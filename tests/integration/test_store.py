@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import time
 import warnings
 import zlib
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ import pytest_asyncio
 from integration import helpers
 from servers import Kafka, MariaDB
 
-from relay import config, db, queries, store, triage, writer
+from relay import config, db, envelope, queries, store, triage, writer
 
 MAX_BYTES = 1 << 24
 
@@ -133,6 +134,17 @@ async def _new_rows(settings: config.Settings) -> list[Any]:
     return await helpers.sql(settings, "SELECT id FROM outbox WHERE status = 'new'")
 
 
+async def _claim_everything(conn: db.Connection) -> tuple[list[int], list[envelope.Row]]:
+    """One claim of every ready shard (up to 64) and up to 1,000 rows, rolled back: the shards
+    it locked, the rows it claimed."""
+    ready = await S.ready_shards(conn)
+    await conn.begin()
+    shards = list(await S.lock_shards(conn, ready, 64))
+    rows = await S.claim_rows(conn, shards, 1000, MAX_BYTES)
+    await conn.rollback()
+    return shards, rows
+
+
 async def test_claim_is_a_per_shard_prefix_in_id_order(
     settings: config.Settings, conns: list[db.Connection]
 ) -> None:
@@ -141,11 +153,7 @@ async def test_claim_is_a_per_shard_prefix_in_id_order(
         settings, *(helpers.event(f"agg-{a}", seq) for seq in range(10) for a in range(5))
     )
     conn = conns[0]
-    ready = await S.ready_shards(conn)
-    await conn.begin()
-    shards = await S.lock_shards(conn, ready, 64)
-    rows = await S.claim_rows(conn, list(shards), 1000, MAX_BYTES)
-    await conn.rollback()
+    shards, rows = await _claim_everything(conn)
     owner = await shard_of(settings)
     ids = [r.id for r in rows]
     assert ids == sorted(ids)  # the batch is in outbox order, hence in order per aggregate
@@ -219,15 +227,9 @@ async def test_uncommitted_rows_are_not_ready_nor_claimed(
 
 
 def _count(mariadb: MariaDB, database: str) -> int:
-    other = mariadb.connect(database)
-    try:
-        with other.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM outbox")
-            row = cur.fetchone()
-            assert row is not None
-            return int(row[0])
-    finally:
-        other.close()
+    """Outbox rows as another session sees them."""
+    ((count,),) = helpers.server_sql(mariadb, "SELECT COUNT(*) FROM outbox", database=database)
+    return int(count)
 
 
 async def test_writer_sync_never_commits(
@@ -431,12 +433,7 @@ async def test_claim_returns_only_new_rows_among_many_published(
 ) -> None:
     await _fill_published(settings, 100_000)
     ids = await helpers.write(settings, *(helpers.event(f"n-{i}") for i in range(50)))
-    conn = conns[0]
-    ready = await S.ready_shards(conn)
-    await conn.begin()
-    shards = await S.lock_shards(conn, ready, 64)
-    rows = await S.claim_rows(conn, list(shards), 1000, MAX_BYTES)
-    await conn.rollback()
+    _, rows = await _claim_everything(conns[0])
     assert {r.message_id for r in rows} == set(ids)
 
 
@@ -460,3 +457,32 @@ async def test_statements_raise_no_server_warnings(
         await S.backlog(conn, 10)
         await S.routing_of_new_rows(conn, 10)
         assert await S.delete_expired(conn, 0, 10) == 1
+
+
+async def test_server_ends_a_silent_session_and_frees_its_shards(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    """A relay that goes silent inside a cycle (a network black hole) must not keep its shards
+    until wait_timeout (8 h): the session's idle timeout ends it, and another claimer gets the
+    shard. (The relay sets publish_timeout_s + 10 s; 2 s here.)"""
+    silent = await db.connect(settings, autocommit=False)
+    try:
+        await S.prepare_session(silent, lock_wait_timeout_s=1, idle_timeout_s=2)
+        assert list(await S.lock_shards(silent, [5], 1)) == [5]
+        other = conns[0]
+        assert await S.lock_shards(other, [5], 1) == {}  # owned by the silent session
+        await other.rollback()
+        started = time.monotonic()
+
+        async def taken_over() -> bool:
+            owned = await S.lock_shards(other, [5], 1)
+            if not owned:
+                await other.rollback()
+            return bool(owned)
+
+        await helpers.wait_until(taken_over, "the silent session's shard", timeout_s=30)
+        waited_s = time.monotonic() - started
+        await other.rollback()
+        assert 1.0 < waited_s < 10.0, waited_s  # ended by the server, not by us
+    finally:
+        db.close(silent)

@@ -13,6 +13,8 @@ QUERY_NAMES = {
     "session_isolation",
     "session_time_zone",
     "session_lock_wait",
+    "session_idle_transaction_timeout",
+    "session_wait_timeout",
     "ready_shards",
     "lock_shards",
     "claim_shard_heads",
