@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -34,7 +34,25 @@ def settings_env(**settings: object) -> dict[str, str]:
     return {f"RELAY_{key.upper()}": str(value) for key, value in settings.items()}
 
 
-class RelayProcess:
+class _HasPopen(Protocol):
+    @property
+    def popen(self) -> subprocess.Popen[bytes]: ...
+
+
+class ChildProcess:
+    """The pid and liveness of a child process, for a class with a ``popen`` attribute or
+    property (a :class:`RelayProcess`, the tests' private Kafka broker)."""
+
+    @property
+    def pid(self: _HasPopen) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self: _HasPopen) -> bool:
+        return self.popen.poll() is None
+
+
+class RelayProcess(ChildProcess):
     """One ``relay run`` with environment ``env`` serving its probes on ``http_port``; its
     output goes to ``log_path`` (appended) or nowhere."""
 
@@ -81,14 +99,6 @@ class RelayProcess:
         if self._popen is None:
             raise RuntimeError(f"{self.name} not started")
         return self._popen
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.popen.poll() is None
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Until ``/readyz`` answers 200; RuntimeError if the process exits meanwhile."""

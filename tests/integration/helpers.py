@@ -1,4 +1,5 @@
-"""Helpers of the integration tests: settings, SQL, polling, topics, a Kafka reader."""
+"""Helpers of the integration tests: settings, SQL, the relay or a worker in this process,
+polling, topics, a Kafka reader."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from servers import Kafka, MariaDB, unique_name
 
-from relay import app, config, db, store, writer
+from relay import app, config, db, pacing, publisher, store, worker, writer
 from relay.tools import net, polling, topics
 
 TABLE = "outbox"
@@ -60,6 +61,17 @@ async def migrate(settings: config.Settings) -> None:
         db.close(conn)
 
 
+async def migrated(
+    mariadb: MariaDB, database: str, kafka: Kafka, topic: str, /, **groups: Mapping[str, Any]
+) -> config.Settings:
+    """:func:`make_settings` relaying to ``topic`` (an ``outbox`` group adds to that), with the
+    schema applied."""
+    outbox = {"topic_template": topic, **groups.pop("outbox", {})}
+    settings = make_settings(mariadb, database, kafka.bootstrap, outbox=outbox, **groups)
+    await migrate(settings)
+    return settings
+
+
 async def sql(
     settings: config.Settings, statement: str, args: Sequence[object] | None = None
 ) -> list[tuple[Any, ...]]:
@@ -72,6 +84,20 @@ async def sql(
             return rows
     finally:
         db.close(conn)
+
+
+def server_sql(
+    mariadb: MariaDB, statement: str, *args: object, database: str | None = None
+) -> list[tuple[Any, ...]]:
+    """Run one statement with PyMySQL as the servers' user (autocommit), not through the relay's
+    connections; its rows."""
+    conn = mariadb.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement, args or None)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
 
 
 async def write(settings: config.Settings, *events: writer.Event) -> list[str]:
@@ -151,6 +177,30 @@ async def running(settings: config.Settings) -> AsyncIterator[tuple[app.App, asy
         relay.request_stop()
         async with asyncio.timeout(settings.worker.shutdown_timeout_s + 10):
             await asyncio.gather(task, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: config.Settings, pub: publisher.Publisher | None = None
+) -> AsyncIterator[tuple[worker.Worker, asyncio.Task[None]]]:
+    """One Worker in a task with a started Publisher (unless one is given); stopped afterwards."""
+    own = pub is None
+    if pub is None:
+        pub = publisher.Publisher(settings)
+        await pub.start()
+    stop = asyncio.Event()
+    waker = pacing.Waker()
+    w = worker.Worker("worker-test", settings, pub, stop, waker)
+    task = asyncio.create_task(w.run())
+    try:
+        yield w, task
+    finally:
+        stop.set()
+        waker.notify_all()
+        async with asyncio.timeout(30):
+            await task
+        if own:
+            await pub.stop()
 
 
 def metric(name: str, **labels: str) -> float:

@@ -3,34 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any
 
 import pytest
 from integration import helpers
 from servers import Kafka, MariaDB
 
-from relay import app, config
+from relay import app
 from relay.tools import net
 
 pytestmark = pytest.mark.integration
 
 
-async def _migrated(
-    mariadb: MariaDB, database: str, kafka: Kafka, topic: str, **groups: Mapping[str, Any]
-) -> config.Settings:
-    """Test settings relaying to ``topic``, with the schema applied."""
-    settings = helpers.make_settings(
-        mariadb, database, kafka.bootstrap, outbox={"topic_template": topic}, **groups
-    )
-    await helpers.migrate(settings)
-    return settings
-
-
 async def test_probes_when_everything_is_up(
     mariadb: MariaDB, kafka: Kafka, database: str, topic: str
 ) -> None:
-    settings = await _migrated(mariadb, database, kafka, topic)
+    settings = await helpers.migrated(mariadb, database, kafka, topic)
     async with helpers.running(settings) as (relay, task):
         port = relay.http_server.port
 
@@ -99,7 +86,7 @@ async def test_probe_endpoint_is_bounded_and_opens_no_connections(
 ) -> None:
     """40 parallel /readyz answer from the relay's state (no database connection each); an
     oversize request line is refused; connections beyond the cap get 503 at once."""
-    settings = await _migrated(mariadb, database, kafka, topic, http={"max_connections": 50})
+    settings = await helpers.migrated(mariadb, database, kafka, topic, http={"max_connections": 50})
     async with helpers.running(settings) as (relay, _):
         port = relay.http_server.port
         await helpers.wait_until(lambda: _ready(port), "/readyz 200", timeout_s=30.0)
@@ -120,7 +107,7 @@ async def test_probe_endpoint_caps_connections(
     mariadb: MariaDB, kafka: Kafka, database: str, topic: str
 ) -> None:
     http = {"max_connections": 2, "request_timeout_s": 30.0}
-    settings = await _migrated(mariadb, database, kafka, topic, http=http)
+    settings = await helpers.migrated(mariadb, database, kafka, topic, http=http)
     async with helpers.running(settings) as (relay, _):
         port = relay.http_server.port
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
@@ -144,15 +131,8 @@ async def _ready(port: int) -> bool:
 
 
 def _threads_connected(mariadb: MariaDB) -> int:
-    conn = mariadb.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
-            row = cur.fetchone()
-            assert row is not None
-            return int(row[1])
-    finally:
-        conn.close()
+    ((_, value),) = helpers.server_sql(mariadb, "SHOW GLOBAL STATUS LIKE 'Threads_connected'")
+    return int(value)
 
 
 async def test_request_stop_returns_0_with_producer_closed(
@@ -160,7 +140,9 @@ async def test_request_stop_returns_0_with_producer_closed(
 ) -> None:
     workers = {"count": 3, "shutdown_timeout_s": 5.0}
     cleaner = {"enabled": True, "interval_s": 3600}
-    settings = await _migrated(mariadb, database, kafka, topic, worker=workers, cleaner=cleaner)
+    settings = await helpers.migrated(
+        mariadb, database, kafka, topic, worker=workers, cleaner=cleaner
+    )
     relay = app.App(settings)
     task = asyncio.create_task(relay.run())
     try:

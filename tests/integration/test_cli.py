@@ -15,7 +15,9 @@ from servers import REPO_ROOT, Kafka, MariaDB
 pytestmark = pytest.mark.integration
 
 
-def relay_env(mariadb: MariaDB, database: str, bootstrap: str, tmp_path: Path) -> dict[str, str]:
+@pytest.fixture
+def env(mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of a `relay` command on the test servers and the test's database."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
     env.update(
         RELAY_SECRETS_DIR=str(tmp_path / "no-secrets"),
@@ -24,7 +26,7 @@ def relay_env(mariadb: MariaDB, database: str, bootstrap: str, tmp_path: Path) -
         RELAY_DB__USER=mariadb.user,
         RELAY_DB__PASSWORD=mariadb.password,
         RELAY_DB__NAME=database,
-        RELAY_KAFKA__BOOTSTRAP_SERVERS=bootstrap,
+        RELAY_KAFKA__BOOTSTRAP_SERVERS=kafka.bootstrap,
         RELAY_KAFKA__REQUEST_TIMEOUT_S="5",
         RELAY_LOG__FORMAT="json",
     )
@@ -44,9 +46,8 @@ def relay(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[s
 
 
 def test_schema_prints_runnable_create_tables(
-    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
+    mariadb: MariaDB, database: str, env: dict[str, str]
 ) -> None:
-    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
     env["RELAY_OUTBOX__TABLE"] = "events"
     proc = relay(["schema"], env)
     assert proc.returncode == 0, proc.stderr
@@ -77,24 +78,15 @@ def test_schema_prints_runnable_create_tables(
 
 
 def test_migrate_then_check(
-    mariadb: MariaDB, kafka: Kafka, database: str, topic: str, tmp_path: Path
+    mariadb: MariaDB, database: str, topic: str, env: dict[str, str]
 ) -> None:
-    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
     env["RELAY_OUTBOX__TOPIC_TEMPLATE"] = topic
     for _ in range(2):  # idempotent
         proc = relay(["migrate"], env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"schema version 2 current: {database}.outbox" in proc.stdout
     # a new row routed to the fixture topic: the check looks that topic up
-    conn = mariadb.connect(database)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type)"
-                " VALUES (UUID(), 'order', '1', 'E')"
-            )
-    finally:
-        conn.close()
+    _insert_new_row(mariadb, database, "order")
     proc = relay(["check"], env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
@@ -105,47 +97,28 @@ def test_migrate_then_check(
     assert "warn privileges: more than the relay needs: ALL PRIVILEGES ON *.*" in proc.stdout
     assert "PASSWORD '*" not in proc.stdout
     # the check's grant test rolled back: the row is still new
-    conn = mariadb.connect(database)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT status FROM outbox")
-            assert cur.fetchall() == (("new",),)
-    finally:
-        conn.close()
+    statuses = helpers.server_sql(mariadb, "SELECT status FROM outbox", database=database)
+    assert statuses == [("new",)]
 
 
 def test_check_fails_on_a_missing_topic(
-    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
+    mariadb: MariaDB, database: str, env: dict[str, str]
 ) -> None:
-    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
     env["RELAY_OUTBOX__TOPIC_TEMPLATE"] = "missing.{aggregate_type}"
     assert relay(["migrate"], env).returncode == 0
-    conn = mariadb.connect(database)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type)"
-                " VALUES (UUID(), 'nowhere', '1', 'E')"
-            )
-    finally:
-        conn.close()
+    _insert_new_row(mariadb, database, "nowhere")
     proc = relay(["check"], env)
     assert proc.returncode == 3, proc.stdout + proc.stderr  # operational: the topic is missing
     assert "FAIL topics: missing topics ['missing.nowhere']" in proc.stdout
 
 
-def test_check_fails_when_table_missing(
-    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
-) -> None:
-    proc = relay(["check"], relay_env(mariadb, database, kafka.bootstrap, tmp_path))
+def test_check_fails_when_table_missing(env: dict[str, str]) -> None:
+    proc = relay(["check"], env)
     assert proc.returncode == 4, proc.stdout + proc.stderr  # missing schema
     assert "FAIL schema: table 'outbox' missing: run `relay migrate`" in proc.stdout
 
 
-def test_check_fails_when_database_unreachable(
-    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
-) -> None:
-    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
+def test_check_fails_when_database_unreachable(env: dict[str, str]) -> None:
     env["RELAY_DB__PORT"] = str(helpers.closed_port())
     env["RELAY_DB__CONNECT_TIMEOUT_S"] = "2"
     proc = relay(["check"], env)
@@ -153,10 +126,7 @@ def test_check_fails_when_database_unreachable(
     assert "FAIL database: cannot connect" in proc.stdout
 
 
-def test_replay_puts_failed_rows_back(
-    mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path
-) -> None:
-    env = relay_env(mariadb, database, kafka.bootstrap, tmp_path)
+def test_replay_puts_failed_rows_back(mariadb: MariaDB, database: str, env: dict[str, str]) -> None:
     assert relay(["migrate"], env).returncode == 0
     conn = mariadb.connect(database)
     try:
@@ -179,6 +149,17 @@ def test_replay_puts_failed_rows_back(
         assert _statuses(conn) == [("new", None)] * 4
     finally:
         conn.close()
+
+
+def _insert_new_row(mariadb: MariaDB, database: str, aggregate_type: str) -> None:
+    """One new outbox row of ``aggregate_type``, routed by the topic template."""
+    helpers.server_sql(
+        mariadb,
+        "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type)"
+        " VALUES (UUID(), %s, '1', 'E')",
+        aggregate_type,
+        database=database,
+    )
 
 
 def _statuses(conn: pymysql.Connection) -> list[tuple[str, str | None]]:

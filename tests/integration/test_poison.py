@@ -3,39 +3,17 @@ replayable; the other aggregates' rows are published all the same."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import os
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 from integration import helpers
 from servers import Kafka, MariaDB
 
-from relay import config, pacing, publisher, triage, worker
+from relay import config, triage
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.asynccontextmanager
-async def running(settings: config.Settings) -> AsyncIterator[worker.Worker]:
-    pub = publisher.Publisher(settings)
-    await pub.start()
-    stop = asyncio.Event()
-    waker = pacing.Waker()
-    w = worker.Worker("worker-poison", settings, pub, stop, waker)
-    task = asyncio.create_task(w.run())
-    try:
-        yield w
-        assert not task.done()
-    finally:
-        stop.set()
-        waker.notify_all()
-        async with asyncio.timeout(30):
-            await task
-        await pub.stop()
 
 
 async def _raw_insert(settings: config.Settings, aggregate_id: str, **columns: object) -> None:
@@ -55,14 +33,14 @@ async def test_broker_rejects_too_large_record(
         helpers.fresh_topic(kafka, partitions=1, configs={"max.message.bytes": "2048"}) as topic,
         helpers.fresh_topic(kafka, partitions=1) as dead_letters,
     ):
-        settings = helpers.make_settings(
+        settings = await helpers.migrated(
             mariadb,
             database,
-            kafka.bootstrap,
-            outbox={"topic_template": topic, "dead_letter_topic": dead_letters},
+            kafka,
+            topic,
+            outbox={"dead_letter_topic": dead_letters},
             worker={"batch_size": batch_size},
         )
-        await helpers.migrate(settings)
         # incompressible, far above the topic's 2048 bytes, far below the relay's own limit
         blob = base64.b64encode(os.urandom(8000)).decode()
         before = helpers.metric("outbox_relay_failed_total", reason="too_large")
@@ -71,11 +49,12 @@ async def test_broker_rejects_too_large_record(
         big = helpers.event("big", after={"blob": blob})
         # one commit: the big record shares a batch (and the only partition) with small ones
         ids = await helpers.write(settings, *small[:5], big, *small[5:])
-        async with running(settings) as w:
+        async with helpers.running_worker(settings) as (w, task):
             expected = dict.fromkeys(ids, "published")
             expected[big.message_id] = "failed"
             await helpers.wait_for_statuses(settings, expected)
             assert w.failed == 1
+            assert not task.done()
         rows = await helpers.rows_by_message_id(settings)
         assert rows[big.message_id]["last_error"].startswith("too_large: ")
         assert helpers.metric("outbox_relay_failed_total", reason="too_large") == before + 1
@@ -102,18 +81,16 @@ async def test_invalid_headers_fail_the_row_only(
     mariadb: MariaDB, kafka: Kafka, database: str, topic: str, case: tuple[str, str]
 ) -> None:
     headers, detail = case
-    settings = helpers.make_settings(
-        mariadb, database, kafka.bootstrap, outbox={"topic_template": topic}
-    )
-    await helpers.migrate(settings)
+    settings = await helpers.migrated(mariadb, database, kafka, topic)
     before = helpers.metric("outbox_relay_failed_total", reason="bad_headers")
     good = await helpers.write(settings, *(helpers.event(f"g-{i}") for i in range(5)))
     await _raw_insert(settings, "poison", headers=headers)
     (later,) = await helpers.write(settings, helpers.event("poison", 1))  # same aggregate
     good += await helpers.write(settings, helpers.event("g-after", 1))
-    async with running(settings):
+    async with helpers.running_worker(settings) as (_, task):
         expected = dict.fromkeys(good, "published") | {later: "held"}
         await helpers.wait_for_statuses(settings, expected)
+        assert not task.done()
     rows = await helpers.rows_by_message_id(settings)
     (bad,) = [r for r in rows.values() if r["status"] == "failed"]
     assert bad["last_error"].startswith("bad_headers: ")
@@ -128,14 +105,8 @@ async def test_missing_topic_waits_and_invalid_topic_fails_then_replay(
 ) -> None:
     """A missing topic is the operator's to fix: the row waits (held, not failed) while others
     flow. An invalid topic name is the row's fault: failed, then replayed once fixed."""
-    settings = helpers.make_settings(
-        mariadb,
-        database,
-        kafka.bootstrap,
-        outbox={"topic_template": topic},
-        worker={"hold_retry_initial_s": 0.2, "hold_retry_max_s": 0.5},
-    )
-    await helpers.migrate(settings)
+    hold_retry = {"hold_retry_initial_s": 0.2, "hold_retry_max_s": 0.5}
+    settings = await helpers.migrated(mariadb, database, kafka, topic, worker=hold_retry)
     invalid_before = helpers.metric("outbox_relay_failed_total", reason="invalid_topic")
     async with helpers.fresh_topic(kafka) as later:
         pass  # created and deleted: a name that surely does not exist now
@@ -143,7 +114,7 @@ async def test_missing_topic_waits_and_invalid_topic_fails_then_replay(
     invalid = helpers.event("i", topic="not a topic")
     good = helpers.event("g")
     await helpers.write(settings, missing, invalid, good)
-    async with running(settings):
+    async with helpers.running_worker(settings) as (_, task):
         await helpers.wait_for_statuses(
             settings,
             {invalid.message_id: "failed", good.message_id: "published"},
@@ -156,6 +127,7 @@ async def test_missing_topic_waits_and_invalid_topic_fails_then_replay(
             return holds == [("poison",), ("timed",)]
 
         await helpers.wait_until(missing_waits, "a timed hold on the missing topic's aggregate")
+        assert not task.done()
     rows = await helpers.rows_by_message_id(settings)
     assert rows[invalid.message_id]["last_error"].startswith("invalid_topic: ")
     assert helpers.metric("outbox_relay_failed_total", reason="invalid_topic") == invalid_before + 1
@@ -169,8 +141,9 @@ async def test_missing_topic_waits_and_invalid_topic_fails_then_replay(
     rows = await helpers.rows_by_message_id(settings)
     assert rows[invalid.message_id]["status"] == "new"
     assert rows[invalid.message_id]["last_error"] is None
-    async with running(settings):
+    async with helpers.running_worker(settings) as (_, task):
         await helpers.wait_for_statuses(settings, {invalid.message_id: "published"})
+        assert not task.done()
     wanted = {good.message_id, invalid.message_id}
     messages = await helpers.consume(kafka, topic, helpers.has_ids(wanted))
     assert sorted(m.message_id for m in messages) == sorted(wanted)  # each once

@@ -11,10 +11,9 @@ Design note criticisms shown impossible here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import aiokafka.errors
 import orjson
@@ -23,42 +22,14 @@ import pytest_asyncio
 from integration import helpers
 from servers import Kafka, MariaDB
 
-from relay import app, config, envelope, pacing, publisher, worker, writer
+from relay import app, config, envelope, publisher, writer
 
 pytestmark = pytest.mark.integration
 
 
 @pytest_asyncio.fixture
 async def settings(mariadb: MariaDB, kafka: Kafka, database: str, topic: str) -> config.Settings:
-    settings = helpers.make_settings(
-        mariadb, database, kafka.bootstrap, outbox={"topic_template": topic}
-    )
-    await helpers.migrate(settings)
-    return settings
-
-
-@contextlib.asynccontextmanager
-async def running(
-    settings: config.Settings, pub: publisher.Publisher | None = None
-) -> AsyncIterator[tuple[worker.Worker, asyncio.Task[None]]]:
-    """One Worker in a task with a started Publisher (unless one is given); stopped afterwards."""
-    own = pub is None
-    if pub is None:
-        pub = publisher.Publisher(settings)
-        await pub.start()
-    stop = asyncio.Event()
-    waker = pacing.Waker()
-    w = worker.Worker("worker-test", settings, pub, stop, waker)
-    task = asyncio.create_task(w.run())
-    try:
-        yield w, task
-    finally:
-        stop.set()
-        waker.notify_all()
-        async with asyncio.timeout(30):
-            await task
-        if own:
-            await pub.stop()
+    return await helpers.migrated(mariadb, database, kafka, topic)
 
 
 async def test_publishes_rows_from_before_and_after_start(
@@ -66,7 +37,7 @@ async def test_publishes_rows_from_before_and_after_start(
 ) -> None:
     """Recovery is continuous: not only the rows present at start-up."""
     before = await helpers.write(settings, *(helpers.event(f"b-{i}", i) for i in range(10)))
-    async with running(settings) as (w, task):
+    async with helpers.running_worker(settings) as (w, task):
         await helpers.wait_for_statuses(settings, dict.fromkeys(before, "published"))
         after: list[str] = []
         for round_ in range(3):  # several commits, each while the worker is idle-polling
@@ -92,7 +63,7 @@ async def test_publishes_rows_from_before_and_after_start(
 async def test_rolled_back_and_open_transactions_never_published(
     settings: config.Settings, mariadb: MariaDB, database: str, kafka: Kafka, topic: str
 ) -> None:
-    async with running(settings) as (_, task):
+    async with helpers.running_worker(settings) as (_, task):
         # a rolled-back domain transaction
         rolled_back = mariadb.connect(database, autocommit=False)
         try:
@@ -125,14 +96,10 @@ async def test_kafka_unreachable_leaves_rows_new_and_loop_alive(
     mariadb: MariaDB, database: str, kafka: Kafka, topic: str
 ) -> None:
     """Producer cannot connect: every cycle fails, rows stay new, the loop keeps going."""
-    down = helpers.make_settings(
-        mariadb,
-        database,
-        f"127.0.0.1:{helpers.closed_port()}",
-        outbox={"topic_template": topic},
-        kafka={"request_timeout_s": 1.0},
+    nowhere = Kafka(f"127.0.0.1:{helpers.closed_port()}")
+    down = await helpers.migrated(
+        mariadb, database, nowhere, topic, kafka={"request_timeout_s": 1.0}
     )
-    await helpers.migrate(down)
     ids = await helpers.write(down, *(helpers.event(f"k-{i}") for i in range(5)))
     unreachable = publisher.Publisher(down)
     with pytest.raises(aiokafka.errors.KafkaConnectionError):
@@ -142,7 +109,7 @@ async def test_kafka_unreachable_leaves_rows_new_and_loop_alive(
     up = helpers.make_settings(mariadb, database, kafka.bootstrap, outbox={"topic_template": topic})
     pub = publisher.Publisher(up)
     retries = helpers.metric("outbox_relay_batch_retries_total", reason="kafka")
-    async with running(up, pub) as (w, task):
+    async with helpers.running_worker(up, pub) as (w, task):
 
         async def retried_a_few_times() -> bool:
             return helpers.metric("outbox_relay_batch_retries_total", reason="kafka") >= retries + 3
@@ -184,7 +151,7 @@ async def test_publish_timeout_rolls_back_and_retries(settings: config.Settings)
     try:
         ids = await helpers.write(slow, *(helpers.event(f"s-{i}") for i in range(3)))
         timeouts = helpers.metric("outbox_relay_batch_retries_total", reason="timeout")
-        async with running(slow, pub) as (w, task):
+        async with helpers.running_worker(slow, pub) as (w, task):
 
             async def timed_out_twice() -> bool:
                 now = helpers.metric("outbox_relay_batch_retries_total", reason="timeout")
@@ -208,14 +175,8 @@ async def test_per_aggregate_order_with_four_workers(
     mariadb: MariaDB, kafka: Kafka, database: str, topic: str
 ) -> None:
     """App with worker.count=4 over 5,000 events of 50 aggregates, written while it runs."""
-    settings = helpers.make_settings(
-        mariadb,
-        database,
-        kafka.bootstrap,
-        outbox={"topic_template": topic},
-        worker={"count": 4, "batch_size": 50, "shards_per_claim": 4},
-    )
-    await helpers.migrate(settings)
+    workers = {"count": 4, "batch_size": 50, "shards_per_claim": 4}
+    settings = await helpers.migrated(mariadb, database, kafka, topic, worker=workers)
     aggregates = [f"acct-{i}" for i in range(50)]
     seq: dict[str, int] = defaultdict(int)
     rng = random.Random(7)
