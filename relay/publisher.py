@@ -319,13 +319,7 @@ class Publisher:
                 stopped.add(record.aggregate)
                 continue
             try:
-                future = await producer.send(
-                    record.topic,
-                    record.value,
-                    key=record.key,
-                    headers=record.headers,
-                    timestamp_ms=record.timestamp_ms,
-                )
+                future = await producer.send(**_message(record))
             except aiokafka.errors.KafkaError as exc:
                 results[i] = sort(exc)
                 stopped.add(record.aggregate)
@@ -360,13 +354,7 @@ class Publisher:
                     self._solo = await self._new_producer()
                 solo = self._solo
                 try:
-                    await solo.send_and_wait(
-                        record.topic,
-                        record.value,
-                        key=record.key,
-                        headers=record.headers,
-                        timestamp_ms=record.timestamp_ms,
-                    )
+                    await solo.send_and_wait(**_message(record))
                 except aiokafka.errors.KafkaError as exc:
                     results[i] = sort(exc)
                     refused.add(record.aggregate)
@@ -399,6 +387,17 @@ class Publisher:
         except aiokafka.errors.KafkaError as exc:
             return f"dead-letter copy failed: {errors.one_line(exc)}"
         return None
+
+
+def _message(record: envelope.Record) -> dict[str, Any]:
+    """The producer's ``send`` arguments for a record."""
+    return {
+        "topic": record.topic,
+        "value": record.value,
+        "key": record.key,
+        "headers": record.headers,
+        "timestamp_ms": record.timestamp_ms,
+    }
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

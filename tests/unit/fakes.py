@@ -440,16 +440,8 @@ class FakeProducer:
             future.set_result(None)
         return future
 
-    async def send_and_wait(
-        self,
-        topic: str,
-        value: bytes,
-        *,
-        key: bytes,
-        headers: list[tuple[str, bytes]],
-        timestamp_ms: int | None = None,
-    ) -> None:
-        await (await self.send(topic, value, key=key, headers=headers, timestamp_ms=timestamp_ms))
+    async def send_and_wait(self, **message: Any) -> None:
+        await (await self.send(**message))
 
 
 def timeout_error() -> aiokafka.errors.KafkaError:
