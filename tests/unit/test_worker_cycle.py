@@ -260,3 +260,33 @@ async def test_cancellation_during_publish_rolls_back() -> None:
         await cycle
     assert store.status(row.id) == "new"
     assert store.locks == {}
+
+
+class RecordingWaker(pacing.Waker):
+    """Records each idle wait's timeout and returns at once (as if the tick had passed)."""
+
+    def __init__(self, stop: asyncio.Event, looks: int) -> None:
+        super().__init__()
+        self.timeouts: list[float] = []
+        self._stop = stop
+        self._looks = looks
+
+    async def wait(self, timeout_s: float) -> bool:
+        self.timeouts.append(timeout_s)
+        if len(self.timeouts) >= self._looks:
+            self._stop.set()
+        await asyncio.sleep(0)
+        return False
+
+
+async def test_idle_ticks_start_short_after_activity_and_double_to_the_poll_interval() -> None:
+    store, pub = fakes.FakeStore(), fakes.FakePublisher()
+    store.insert("a")
+    stop = asyncio.Event()
+    waker = RecordingWaker(stop, looks=7)
+    settings = _settings(poll_min_interval_s=0.005, poll_interval_s=0.1, claim_linger_s=0.0)
+    w = worker.Worker("w", settings, pub, stop, waker, store_=store, connect=store.aconnect)
+    async with asyncio.timeout(5):
+        await w.run()
+    assert waker.timeouts == [0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.1]
+    assert store.status(1) == "published"
