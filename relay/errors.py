@@ -123,5 +123,8 @@ def exit_code(exc: BaseException) -> int | None:
 
 def one_line(exc: BaseException) -> str:
     """``Type: message`` on one line, for logs and ``last_error``."""
+    name = type(exc).__name__
     text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if not text or text == name:
+        return name
+    return text if text.startswith(f"{name}:") else f"{name}: {text}"  # aiokafka names itself
