@@ -123,17 +123,90 @@ def _tool_arguments(demo: argparse.ArgumentParser, bench: argparse.ArgumentParse
     """Options of ``relay demo`` and ``relay bench`` (here: --help must not import the tools)."""
     from pathlib import Path  # noqa: PLC0415
 
+    def events_range(text: str) -> tuple[int, int]:
+        low, sep, high = text.partition("-")
+        try:
+            bounds = (int(low), int(high) if sep else int(low))
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected N or LOW-HIGH, e.g. 1-3") from None
+        if not 1 <= bounds[0] <= bounds[1]:
+            raise argparse.ArgumentTypeError("need 1 <= LOW <= HIGH")
+        return bounds
+
+    def positive(text: str) -> float:
+        value = float(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError("must be positive")
+        return value
+
+    def above_one(text: str) -> float:
+        value = float(text)
+        if not value > 1:
+            raise argparse.ArgumentTypeError("must be above 1")
+        return value
+
+    def count(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError("must be at least 1")
+        return value
+
     for p in (demo, bench):
-        p.add_argument("--rate", type=float, default=500.0, help="committed msg/s (default 500)")
         p.add_argument("--aggregates", type=int, default=1000, help="distinct aggregate ids")
         p.add_argument("--writers", type=int, default=16, help="Service A connections")
         p.add_argument("--event-bytes", type=int, default=1024, help="size of `after` JSON")
+        p.add_argument(
+            "--events-per-txn",
+            type=events_range,
+            default=(1, 3),
+            metavar="LOW-HIGH",
+            help="outbox events per transaction, uniform (default 1-3)",
+        )
         p.add_argument("--partitions", type=int, default=6, help="partitions of fresh topics")
         p.add_argument("--keep", action="store_true", help="keep the topic (and bench database)")
+    demo.add_argument(
+        "--rate", type=positive, default=500.0, help="committed events/s (default 500)"
+    )
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
-    bench.add_argument("--mode", choices=("rate", "drain", "raw", "all"), default="rate")
-    bench.add_argument("--duration", type=float, default=60.0, help="rate mode: seconds")
-    bench.add_argument("--rows", type=int, default=1_000_000, help="drain/raw: messages")
+    bench.add_argument(
+        "--mode", choices=("rate", "capacity", "drain", "raw", "all"), default="rate"
+    )
+    bench.add_argument(
+        "--writer",
+        choices=("sql", "helper"),
+        default="sql",
+        help="Service A: sql = a literal INSERT, no wake-up (default); "
+        "helper = relay.writer with wake-up datagrams",
+    )
+    bench.add_argument(
+        "--rate",
+        type=positive,
+        default=500.0,
+        help="Service A transactions/s (txn/s, not events/s; default 500); "
+        "capacity: the first step",
+    )
+    bench.add_argument(
+        "--duration",
+        type=positive,
+        default=None,
+        help="seconds of load: rate mode (default 60); capacity: per step (default 20)",
+    )
+    bench.add_argument(
+        "--max-rate",
+        type=positive,
+        default=20_000.0,
+        help="capacity: highest rate tried, txn/s (default 20000)",
+    )
+    bench.add_argument(
+        "--max-steps", type=count, default=12, help="capacity: at most this many steps"
+    )
+    bench.add_argument(
+        "--step-factor",
+        type=above_one,
+        default=1.5,
+        help="capacity: rate multiplier while steps pass (default 1.5), then bisection",
+    )
+    bench.add_argument("--rows", type=int, default=1_000_000, help="drain/raw: events")
     bench.add_argument(
         "--retained-published", type=int, default=0, help="preload N rows already published"
     )
@@ -141,6 +214,12 @@ def _tool_arguments(demo: argparse.ArgumentParser, bench: argparse.ArgumentParse
         "--drain-timeout", type=float, default=600.0, help="drain: give up after seconds"
     )
     bench.add_argument("--idle-seconds", type=float, default=10.0, help="idle CPU window")
+    bench.add_argument(
+        "--progress-interval",
+        type=positive,
+        default=1.0,
+        help="seconds between live progress lines on stderr (default 1)",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--output", type=Path, default=None, help="also write the JSON here")
     bench.add_argument(

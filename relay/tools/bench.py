@@ -1,10 +1,16 @@
 """``relay demo`` and ``relay bench``: the relay with a simulated Service A and Service B.
 
-``relay demo`` runs everything in one process (the relay is an :class:`relay.app.App`) and
-prints live figures every second. ``relay bench`` runs the relay under test as a separate
-process (``python -m relay run``) so that its CPU time and resident memory can be measured, in a
-fresh database and fresh topics, and reports latency, throughput, loss, duplicates, order, relay
-CPU per 1,000 messages, idle CPU, peak RSS and claim cost (from the relay's ``/metrics``).
+``relay demo`` runs everything in one process (the relay is an :class:`relay.app.App`, Service A
+the writer helper with wake-ups) and prints live figures every second. ``relay bench`` runs the
+relay under test as a separate process (``python -m relay run``) so that its CPU time and
+resident memory can be measured, in a fresh database and fresh topics, and reports latency,
+throughput, loss, duplicates, order, relay CPU per 1,000 events, idle CPU, peak RSS and claim
+cost (from the relay's ``/metrics``), with a progress line every second on stderr.
+
+Modes: ``rate`` (a fixed rate of Service A transactions/s), ``capacity`` (the highest rate
+sustained with p99 <= 1 s, :mod:`relay.tools.capacity`), ``drain`` (a preloaded backlog), ``raw``
+(the Kafka ceiling without database) and ``all`` (raw and drain). Service A is ``--writer sql``
+(plain SQL, no wake-up: the default) or ``--writer helper`` (``relay.writer`` with wake-ups).
 The arguments of both commands are defined in ``relay.cli``.
 """
 
@@ -30,7 +36,18 @@ import psutil
 import structlog
 
 from relay import __version__, app, config
-from relay.tools import consumer, database, loadgen, net, polling, processes, stats, topics
+from relay.tools import (
+    capacity,
+    consumer,
+    database,
+    loadgen,
+    net,
+    polling,
+    processes,
+    progress,
+    stats,
+    topics,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +64,11 @@ async def demo(settings: config.Settings, args: argparse.Namespace) -> int:
     topic = f"outbox.demo-{uuid.uuid4().hex[:8]}"
     wakeup = settings.wakeup.model_copy(update={"enabled": True, "host": "127.0.0.1", "port": 0})
     settings = loadgen.with_topic(settings, topic).model_copy(update={"wakeup": wakeup})
-    workload = loadgen.Workload(aggregates=args.aggregates, event_bytes=args.event_bytes)
+    workload = loadgen.Workload(
+        aggregates=args.aggregates,
+        event_bytes=args.event_bytes,
+        events_per_tx=tuple(args.events_per_txn),
+    )
     tracker = stats.Tracker()
     kafka = topics.client_options(settings)
     await database.create(settings, settings.db.name, exist_ok=True)
@@ -183,6 +204,10 @@ async def _wait_drained(
 
 # -- relay bench: the relay as a separate process ---------------------------------------------
 
+RATE_DURATION_S = 60.0  # rate mode's load when --duration is not given
+CAPACITY_STEP_S = 20.0  # capacity mode's step when --duration is not given
+JUDGE_MARGIN_S = 0.5  # a capacity step is judged this long after its latency limit has passed
+
 
 class Window:
     """Relay CPU time and metrics between two moments."""
@@ -215,7 +240,9 @@ class Window:
             "seconds": seconds,
             "published": published,
             "cpu_s": cpu,
-            "cpu_ms_per_1000": cpu * 1000.0 / (published / 1000.0) if published else math.nan,
+            "cpu_ms_per_1000_events": cpu * 1000.0 / (published / 1000.0)
+            if published
+            else math.nan,
             "cpu_percent": 100.0 * cpu / seconds,
             "peak_rss_mb": self._relay.peak_rss_mb(self.uptime0),
             "claim": {
@@ -227,8 +254,18 @@ class Window:
         }
 
 
-def _relay_env(settings: config.Settings, database_name: str, topic: str) -> dict[str, str]:
-    """This process's environment (its RELAY_* settings included) plus the bench's own."""
+def _relay_env(
+    settings: config.Settings, database_name: str, topic: str, *, wakeup: bool
+) -> dict[str, str]:
+    """This process's environment (its RELAY_* settings included) plus the bench's own; the
+    wake-up listener on (a free UDP port) only for the helper writer."""
+    wake: dict[str, object] = {"wakeup__enabled": "false"}
+    if wakeup:
+        wake = {
+            "wakeup__enabled": "true",
+            "wakeup__host": "127.0.0.1",
+            "wakeup__port": net.free_port(socket.SOCK_DGRAM),
+        }
     return {
         **os.environ,
         **processes.settings_env(
@@ -236,11 +273,9 @@ def _relay_env(settings: config.Settings, database_name: str, topic: str) -> dic
             outbox__topic_template=topic,
             http__host="127.0.0.1",
             http__port=net.free_port(),
-            wakeup__enabled="true",
-            wakeup__host="127.0.0.1",
-            wakeup__port=net.free_port(socket.SOCK_DGRAM),
             log__format="json",
             log__level=settings.log.level,
+            **wake,
         ),
     }
 
@@ -260,8 +295,21 @@ def _delivery(summary: stats.Summary) -> dict[str, Any]:
     }
 
 
+def _writer_figures(service_a: loadgen.Writers) -> dict[str, Any]:
+    return {
+        "transactions": service_a.stats.transactions,
+        "rolled_back_transactions": service_a.stats.rollbacks,
+        "writer_errors": len(service_a.errors),
+        "skipped_ticks": service_a.stats.skipped,
+    }
+
+
 class Bench:
-    """One ``relay bench`` run: fresh database and topics, the relay as a child process."""
+    """One ``relay bench`` run: fresh database and topics, the relay as a child process.
+
+    Rates given (``--rate``, ``--max-rate``) are transactions per second of Service A; results
+    name their unit in every key (``..._txn_per_s``, ``..._events_per_s``).
+    """
 
     def __init__(self, settings: config.Settings, args: argparse.Namespace) -> None:
         self.args = args
@@ -270,13 +318,34 @@ class Bench:
         self.settings = loadgen.with_database(settings, self.database)
         self.kafka = topics.client_options(settings)
         self.topics: list[str] = []
+        self.writer: str = args.writer
+        self.wakeup = self.writer == "helper"
+        default_s = CAPACITY_STEP_S if args.mode == "capacity" else RATE_DURATION_S
+        self.duration: float = args.duration if args.duration is not None else default_s
+        workload = self._workload()
+        run_config: dict[str, Any] = {
+            "writer": self.writer,
+            "wakeup": self.wakeup,
+            "rate_unit": "txn/s",
+            "rate_txn_per_s": args.rate,
+            "events_per_txn": list(workload.events_per_tx),
+            "rollback_ratio": workload.rollback_ratio,
+            "duration_s": self.duration,
+        }
+        if args.mode == "capacity":
+            run_config |= {
+                "duration_is": "per step",
+                "max_rate_txn_per_s": args.max_rate,
+                "max_steps": args.max_steps,
+                "step_factor": args.step_factor,
+                "p99_limit_ms": capacity.P99_LIMIT_MS,
+            }
         self.report: dict[str, Any] = {
             "version": __version__,
             "mode": args.mode,
             "run_id": self.run_id,
             "config": {
-                "rate": args.rate,
-                "duration_s": args.duration,
+                **run_config,
                 "rows": args.rows,
                 "retained_published": args.retained_published,
                 "aggregates": args.aggregates,
@@ -293,12 +362,30 @@ class Bench:
         }
 
     def _workload(self) -> loadgen.Workload:
-        return loadgen.Workload(aggregates=self.args.aggregates, event_bytes=self.args.event_bytes)
+        return loadgen.Workload(
+            aggregates=self.args.aggregates,
+            event_bytes=self.args.event_bytes,
+            events_per_tx=tuple(self.args.events_per_txn),
+        )
 
     def _consumer(
         self, topic: str, workload: loadgen.Workload, tracker: stats.Tracker
     ) -> consumer.Consumer:
         return consumer.Consumer(self.settings, topic, self.args.partitions, workload, tracker)
+
+    def _writers(
+        self,
+        workload: loadgen.Workload,
+        tracker: stats.Tracker,
+        tx_rate: float,
+        notify_to: str | None,
+    ) -> loadgen.Writers:
+        return loadgen.Writers(
+            self.settings, workload, tracker, kind=self.writer, tx_rate=tx_rate, notify_to=notify_to
+        )
+
+    def _ticker(self, meter: progress.Meter, legend: str | None = None) -> progress.Ticker:
+        return progress.Ticker(self.args.progress_interval, meter, legend=legend)
 
     async def _topic(self, kind: str) -> str:
         topic = f"bench.{self.run_id}.{kind}"
@@ -323,9 +410,11 @@ class Bench:
                 ok = await self.drain() and ok
             if mode == "rate":
                 ok = await self.rate()
+            if mode == "capacity":
+                ok = await self.capacity()
             if mode == "all":
                 self.report["drain_to_raw_ratio"] = (
-                    self.report["drain"]["msg_per_s"] / self.report["raw"]["msg_per_s"]
+                    self.report["drain"]["events_per_s"] / self.report["raw"]["events_per_s"]
                 )
         finally:
             if not self.args.keep:
@@ -338,13 +427,16 @@ class Bench:
 
     async def raw(self) -> dict[str, Any]:
         topic = await self._topic("raw")
-        messages = self.args.rows
-        log.info("bench_raw", messages=messages, topic=topic)
-        return await loadgen.produce_raw(self.settings, topic, self._workload(), messages)
+        events = self.args.rows
+        log.info("bench_raw", events=events, topic=topic)
+        raw = loadgen.RawProgress()
+        async with self._ticker(progress.RawMeter(raw)):
+            return await loadgen.produce_raw(self.settings, topic, self._workload(), events, raw)
 
-    async def _start(self, topic: str) -> tuple[processes.RelayProcess, str]:
-        """The relay under test, ready; and its wake-up port."""
-        env = _relay_env(self.settings, self.database, topic)
+    async def _start(self, topic: str) -> tuple[processes.RelayProcess, str | None]:
+        """The relay under test, ready; and the wake-up address (None: plain-SQL writer, the
+        relay listens for no wake-up)."""
+        env = _relay_env(self.settings, self.database, topic, wakeup=self.wakeup)
         relay = processes.RelayProcess(
             "relay", env, int(env["RELAY_HTTP__PORT"]), self.args.relay_log
         )
@@ -356,10 +448,13 @@ class Bench:
             await relay.stop()
             raise
         log.info("bench_relay_started", pid=relay.pid, http_port=relay.http_port)
-        return relay, env["RELAY_WAKEUP__PORT"]
+        notify_to = f"127.0.0.1:{env['RELAY_WAKEUP__PORT']}" if self.wakeup else None
+        return relay, notify_to
 
     async def _idle(self, relay: processes.RelayProcess) -> float:
         """Relay CPU in % of one core over a quiet period (wall time is what is measured)."""
+        if self.args.idle_seconds <= 0:
+            return math.nan
         await asyncio.sleep(1.0)
         cpu0, t0 = relay.cpu_s(), time.monotonic()
         await asyncio.sleep(self.args.idle_seconds)
@@ -369,43 +464,52 @@ class Bench:
         topic = await self._topic("rate")
         workload, tracker = self._workload(), stats.Tracker()
         async with self._consumer(topic, workload, tracker):
-            relay, wakeup_port = await self._start(topic)
+            relay, notify_to = await self._start(topic)
             try:
                 idle = await self._idle(relay)
                 window = Window(relay)
                 await window.open()
-                service_a = loadgen.Writers(
-                    self.settings,
-                    workload,
-                    tracker,
-                    rate=self.args.rate,
-                    notify_to=f"127.0.0.1:{wakeup_port}",
+                bench_cpu0 = progress.bench_cpu_s()
+                meter = progress.LoadMeter(tracker, relay)
+                service_a = self._writers(workload, tracker, self.args.rate, notify_to)
+                log.info(
+                    "bench_rate",
+                    writer=self.writer,
+                    rate_txn_per_s=self.args.rate,
+                    duration_s=self.duration,
                 )
-                log.info("bench_rate", rate=self.args.rate, duration_s=self.args.duration)
-                await service_a.start(self.args.writers)
-                try:
-                    await asyncio.sleep(self.args.duration)  # the load period: wall time
-                finally:
-                    await service_a.stop()
-                load_s = time.monotonic() - window.t0
-                drained = await _wait_drained(tracker, DRAIN_WAIT_S)
+                async with self._ticker(meter, progress.LOAD_LEGEND):
+                    await service_a.start(self.args.writers)
+                    meter.begin("rate", self.args.rate, service_a)
+                    load_started = time.monotonic()
+                    try:
+                        await asyncio.sleep(self.duration)  # the load period: wall time
+                    finally:
+                        await service_a.stop()
+                    load_s = time.monotonic() - load_started
+                    meter.begin("drain", math.nan, None)
+                    drained = await _wait_drained(tracker, DRAIN_WAIT_S)
                 measured = await window.close()
+                bench_cpu = progress.bench_cpu_s() - bench_cpu0
             finally:
                 relay_code = await relay.stop()
         summary = tracker.summary()
         self.report["rate"] = {
-            "target_msg_per_s": self.args.rate,
-            "achieved_msg_per_s": summary.committed / load_s,
-            "received_msg_per_s": summary.received / measured["seconds"],
+            "writer": self.writer,
+            "wakeup": self.wakeup,
+            "target_txn_per_s": self.args.rate,
+            "txn_per_s": service_a.stats.transactions / load_s,
+            "committed_txn_per_s": (service_a.stats.transactions - service_a.stats.rollbacks)
+            / load_s,
+            "committed_events_per_s": summary.committed / load_s,
+            "received_events_per_s": summary.received / measured["seconds"],
             "load_seconds": load_s,
-            "transactions": service_a.stats.transactions,
-            "rolled_back_transactions": service_a.stats.rollbacks,
-            "writer_errors": len(service_a.errors),
-            "skipped_ticks": service_a.stats.skipped,
+            **_writer_figures(service_a),
             "drained": drained,
             "latency_from_tx_start_ms": summary.latency_from_start_ms,
             "latency_from_commit_ms": summary.latency_from_commit_ms,
             **_delivery(summary),
+            "bench_cpu_percent": 100.0 * bench_cpu / measured["seconds"],
             "relay": {
                 "exit_code": relay_code,
                 "idle_cpu_percent": idle,
@@ -414,6 +518,158 @@ class Bench:
             },
         }
         return summary.ok and drained and relay_code == 0
+
+    async def capacity(self) -> bool:
+        """Steps of ``self.duration`` seconds at rising rates (see :mod:`relay.tools.capacity`)
+        against one relay process; each step starts with nothing in flight."""
+        args = self.args
+        topic = await self._topic("capacity")
+        workload, tracker = self._workload(), stats.Tracker()
+        search = capacity.CapacitySearch(
+            args.rate, args.max_rate, factor=args.step_factor, max_steps=args.max_steps
+        )
+        steps: list[dict[str, Any]] = []
+        async with self._consumer(topic, workload, tracker):
+            relay, notify_to = await self._start(topic)
+            try:
+                idle = await self._idle(relay)
+                meter = progress.LoadMeter(tracker, relay)
+                log.info(
+                    "bench_capacity",
+                    writer=self.writer,
+                    start_txn_per_s=search.start,
+                    max_rate_txn_per_s=args.max_rate,
+                    step_s=self.duration,
+                    max_steps=args.max_steps,
+                )
+                async with self._ticker(meter, progress.LOAD_LEGEND) as ticker:
+                    while (rate := search.next_rate()) is not None:
+                        step = await self._capacity_step(
+                            relay,
+                            tracker=tracker,
+                            workload=workload,
+                            meter=meter,
+                            notify_to=notify_to,
+                            rate=rate,
+                            phase=search.phase,
+                        )
+                        step["step"] = len(steps) + 1
+                        steps.append(step)
+                        search.record(rate, step["passed"], step["reasons"])
+                        ticker.print(_step_line(step))
+                        if not step["drained"]:
+                            search.abort(f"step {step['step']} did not drain in {DRAIN_WAIT_S:g} s")
+                    meter.begin("drain", math.nan, None)
+                    drained = await _wait_drained(tracker, DRAIN_WAIT_S)
+            finally:
+                relay_code = await relay.stop()
+        summary = tracker.summary()
+        outcome = search.outcome()
+        best = next((s for s in steps if s["target_txn_per_s"] == outcome.highest_passing), None)
+        self.report["capacity"] = {
+            "writer": self.writer,
+            "wakeup": self.wakeup,
+            "p99_limit_ms": capacity.P99_LIMIT_MS,
+            "step_seconds": self.duration,
+            "step_factor": search.factor,
+            "start_txn_per_s": search.start,
+            "max_rate_txn_per_s": search.max_rate,
+            "max_steps": search.max_steps,
+            "result": {
+                **outcome.as_dict(),
+                # measured in the highest passing step
+                "committed_events_per_s": best["committed_events_per_s"] if best else None,
+                "p99_from_tx_start_ms": best["latency_from_tx_start_ms"]["p99"] if best else None,
+                "relay_cpu_ms_per_1000_events": best["relay"]["cpu_ms_per_1000_events"]
+                if best
+                else None,
+                "relay_cpu_percent": best["relay"]["cpu_percent"] if best else None,
+            },
+            "steps": steps,
+            "drained": drained,
+            **_delivery(summary),
+            "relay": {
+                "exit_code": relay_code,
+                "idle_cpu_percent": idle,
+                "peak_rss_mb": relay.peak_rss_mb(),
+                "rss_mb_series": _downsample(relay.rss_samples, 5.0),
+            },
+        }
+        return summary.ok and drained and relay_code == 0
+
+    async def _capacity_step(
+        self,
+        relay: processes.RelayProcess,
+        *,
+        tracker: stats.Tracker,
+        workload: loadgen.Workload,
+        meter: progress.LoadMeter,
+        notify_to: str | None,
+        rate: float,
+        phase: str,
+    ) -> dict[str, Any]:
+        """One step at ``rate`` txn/s: load for ``self.duration``, stop, judge once every event
+        is received or older than the limit, then let the rest drain."""
+        window = Window(relay)
+        await window.open()
+        bench_cpu0 = progress.bench_cpu_s()
+        committed0 = tracker.committed_count
+        position = tracker.latency_count
+        service_a = self._writers(workload, tracker, rate, notify_to)
+        mark = time.monotonic()  # every commit of this step comes after this
+        await service_a.start(self.args.writers)
+        meter.begin(phase, rate, service_a)
+        t0 = time.monotonic()
+        try:
+            await asyncio.sleep(self.duration)
+        finally:
+            await service_a.stop()
+        t1 = time.monotonic()
+        load_s = t1 - t0
+        meter.begin("judge", math.nan, None)
+        with contextlib.suppress(TimeoutError):  # the rest is late: older than the limit
+            await polling.wait_until(
+                lambda: tracker.in_flight == 0,
+                "the step's events",
+                capacity.P99_LIMIT_MS / 1000.0 + JUDGE_MARGIN_S,
+                0.02,
+            )
+        late = tracker.in_flight
+        from_start, from_commit = tracker.latencies_committed_since(mark, position)
+        measured = await window.close()
+        bench_cpu = progress.bench_cpu_s() - bench_cpu0
+        figures = capacity.StepFigures(
+            target_txn_per_s=rate,
+            txn_per_s=service_a.stats.transactions / load_s,
+            events_per_s=(tracker.committed_count - committed0) / load_s,
+            latencies_ms=from_start,
+            late=late,
+            backlog=meter.backlog_since(t0, t1),
+        )
+        verdict = capacity.judge(figures)
+        drained = late == 0
+        if not drained:
+            meter.begin("drain", math.nan, None)
+            drained = await _wait_drained(tracker, DRAIN_WAIT_S)
+        return {
+            "phase": phase,
+            "target_txn_per_s": rate,
+            "load_seconds": load_s,
+            "txn_per_s": figures.txn_per_s,
+            "committed_events_per_s": figures.events_per_s,
+            "latency_from_tx_start_ms": stats.summarize(from_start),
+            "latency_from_commit_ms": stats.summarize(from_commit),
+            "late_events": late,
+            "judged_p99_ms": verdict.p99_ms,
+            "backlog_growth_rows_per_s": verdict.backlog_growth_per_s,
+            "backlog_end_rows": verdict.backlog_end,
+            "passed": verdict.passed,
+            "reasons": list(verdict.reasons),
+            "drained": drained,
+            **_writer_figures(service_a),
+            "bench_cpu_percent": 100.0 * bench_cpu / measured["seconds"],
+            "relay": measured,
+        }
 
     async def drain(self) -> bool:
         topic = await self._topic("drain")
@@ -432,13 +688,18 @@ class Bench:
                 async def published_all() -> bool:
                     return stats.parse_counter(await relay.metrics(), PUBLISHED_METRIC) >= rows
 
-                with contextlib.suppress(TimeoutError):  # judged by `drained` below
-                    await polling.wait_until(
-                        published_all, "the backlog to be published", self.args.drain_timeout, 0.1
-                    )
-                published_s = time.monotonic() - window.t0
-                measured = await window.close()
-                drained = await _wait_drained(tracker, DRAIN_WAIT_S)
+                meter = progress.DrainMeter(tracker, relay, rows, start_published)
+                async with self._ticker(meter):
+                    with contextlib.suppress(TimeoutError):  # judged by `drained` below
+                        await polling.wait_until(
+                            published_all,
+                            "the backlog to be published",
+                            self.args.drain_timeout,
+                            0.1,
+                        )
+                    published_s = time.monotonic() - window.t0
+                    measured = await window.close()
+                    drained = await _wait_drained(tracker, DRAIN_WAIT_S)
                 received_s = service_b.last_receipt - window.t0
                 idle = await self._idle(relay)
             finally:
@@ -450,14 +711,26 @@ class Bench:
             "preload_rows_per_s": preload_rate,
             "published_before_window": start_published,
             "seconds": published_s,
-            "msg_per_s": (measured["published"] if counted > measured["published"] else counted)
-            / published_s,
+            "events_per_s": min(counted, measured["published"]) / published_s,
             "all_received_seconds": received_s,
             "drained": drained,
             **_delivery(summary),
             "relay": {"exit_code": relay_code, "idle_cpu_percent": idle, **measured},
         }
         return summary.ok and drained and relay_code == 0
+
+
+def _step_line(step: dict[str, Any]) -> str:
+    """A capacity step's verdict, printed between the progress lines."""
+    verdict = "PASS" if step["passed"] else f"FAIL ({', '.join(step['reasons'])})"
+    return (
+        f"step {step['step']} ({step['phase']}): target {step['target_txn_per_s']:,.1f} txn/s, "
+        f"achieved {step['txn_per_s']:,.1f} txn/s = {step['committed_events_per_s']:,.0f} "
+        f"committed events/s; p99 tx start -> receipt {_fmt(step['judged_p99_ms'])} ms "
+        f"({step['late_events']} late); backlog growth "
+        f"{step['backlog_growth_rows_per_s']:,.1f} rows/s; relay "
+        f"{_fmt(step['relay']['cpu_ms_per_1000_events'])} ms CPU per 1,000 events: {verdict}"
+    )
 
 
 def _downsample(samples: list[tuple[float, int]], every_s: float) -> list[tuple[float, float]]:
@@ -481,13 +754,37 @@ def machine() -> dict[str, Any]:
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:,.2f}"
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return f"{value:,.2f}"
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _capacity_rows(report: dict[str, Any]) -> list[str]:
+    steps = report.get("capacity", {}).get("steps", [])
+    if not steps:
+        return []
+    lines = [
+        "capacity steps (rates: target/achieved txn/s, committed events/s; "
+        "p99: tx start -> receipt, judged)",
+        f"{'step':>4} {'phase':>7} {'target':>9} {'txn/s':>9} {'events/s':>9} {'p99 ms':>9} "
+        f"{'late':>6} {'cpu ms/1k':>9}  verdict",
+    ]
+    for s in steps:
+        verdict = "pass" if s["passed"] else "FAIL " + ",".join(s["reasons"])
+        lines.append(
+            f"{s['step']:>4} {s['phase']:>7} {s['target_txn_per_s']:>9,.1f} "
+            f"{s['txn_per_s']:>9,.1f} {s['committed_events_per_s']:>9,.0f} "
+            f"{_fmt(s['judged_p99_ms']):>9} {s['late_events']:>6} "
+            f"{_fmt(s['relay']['cpu_ms_per_1000_events']):>9}  {verdict}"
+        )
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -496,14 +793,14 @@ def render(report: dict[str, Any]) -> str:
 
     def walk(section: str, prefix: str, doc: dict[str, Any]) -> None:
         for key, value in doc.items():
-            if key in ("rss_mb_series", "order_violation_examples"):
+            if key in ("rss_mb_series", "order_violation_examples", "steps"):
                 continue
             if isinstance(value, dict):
                 walk(section, f"{prefix}{key}.", value)
             else:
                 rows.append((section, f"{prefix}{key}", _fmt(value)))
 
-    for section in ("raw", "drain", "rate"):
+    for section in ("raw", "drain", "rate", "capacity"):
         if section in report:
             walk(section, "", report[section])
     rows.extend(
@@ -512,8 +809,13 @@ def render(report: dict[str, Any]) -> str:
         if key in report
     )
     width = max(len(r[1]) for r in rows) if rows else 10
-    lines = [f"relay bench {report['mode']} (run {report['run_id']})"]
-    lines += [f"{s:<6} {k:<{width}} {v:>16}" for s, k, v in rows]
+    config_ = report["config"]
+    lines = [
+        f"relay bench {report['mode']} (run {report['run_id']}; writer {config_['writer']}, "
+        f"wake-up {'on' if config_['wakeup'] else 'off'}; rates in txn/s unless named events)"
+    ]
+    lines += [f"{s:<8} {k:<{width}} {v:>16}" for s, k, v in rows]
+    lines += _capacity_rows(report)
     return "\n".join(lines)
 
 

@@ -2,10 +2,20 @@
 workload, concurrent writers, preloads, and the raw Kafka ceiling.
 
 A writer transaction changes a domain row (``demo_account``, which locks the aggregate), adds a
-``demo_ledger`` row and 1-3 outbox events, then commits, or rolls back on purpose (the workload's
-``rollback_ratio``). The account's ``version`` grows by one per event and each event carries its
-own version as the aggregate's sequence, so the committed sequences of an aggregate are exactly
-``1..n``. Every message id encodes a run-wide index (:func:`relay.tools.stats.message_id`).
+``demo_ledger`` row and 1-3 outbox events (the workload's ``events_per_tx``), then commits, or
+rolls back on purpose (the workload's ``rollback_ratio``). The account's ``version`` grows by one
+per event and each event carries its own version as the aggregate's sequence, so the committed
+sequences of an aggregate are exactly ``1..n``. Every message id encodes a run-wide index
+(:func:`relay.tools.stats.message_id`).
+
+Two kinds of writer insert the events (``Writers(kind=...)``):
+
+* ``sql``: plain SQL, as a Service A in any language writes it (README.md, "Plain SQL"): one
+  literal ``INSERT INTO outbox (...) VALUES (...), (...)`` of the transaction's events (values
+  bound by the driver), and nothing after the commit: no wake-up. It never imports
+  ``relay.writer``.
+* ``helper``: the Python writer helper (``relay.writer.OutboxWriter``), which sends a wake-up
+  datagram after the commit when given ``notify_to``.
 
 Writers survive a database that goes away: a transaction broken before its commit is rolled back
 by the server; one whose COMMIT got no answer is resolved by looking its message ids up after
@@ -24,14 +34,14 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import aiokafka
 import orjson
 import pymysql
 import structlog
 
-from relay import config, db, envelope, publisher, writer
+from relay import config, db, envelope, publisher
 from relay.tools import database, stats
 
 log = structlog.get_logger(__name__)
@@ -41,12 +51,14 @@ _rng = random.Random()
 AGGREGATE_TYPE = "account"
 EVENT_TYPE = "AccountBalanceChanged"
 SOURCE_TABLE = "demo_account"
-MEAN_EVENTS_PER_TX = 2.0  # 1-3, uniform
+WRITER_KINDS = ("sql", "helper")
 MAX_FILLERS, MIN_FILLERS, FILLER_POOL_BYTES = 512, 16, 32 * 2**20
 
 # "the database connection is gone or the statement was refused": reconnect and carry on
 DB_ERRORS: tuple[type[BaseException], ...] = (pymysql.MySQLError, OSError, asyncio.TimeoutError)
 RECONNECT_MAX_DELAY_S = 1.0
+PACER_MIN_WAIT_S = 0.001  # the pacer wakes at most this often (tickets due meanwhile go together)
+PACER_SLEEP_S = 0.05  # shorter waits sleep; longer ones also watch for stop
 ERROR_PAUSE_S = 0.05
 
 
@@ -60,17 +72,26 @@ class Workload:
     aggregates: int = 1000
     event_bytes: int = 1024
     rollback_ratio: float = 0.05
+    events_per_tx: tuple[int, int] = (1, 3)  # uniform in this closed range
     prefix: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4())[:23])
     next_index: int = 0
     fillers: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        low, high = self.events_per_tx
+        if not 1 <= low <= high:
+            raise ValueError(f"events per transaction: need 1 <= low <= high, not {low}-{high}")
         if not self.fillers:
             # Random hex: compresses about like real data does with lz4 (not to nothing). Up to
             # 512 distinct fillers, fewer for big events (the pool stays within FILLER_POOL_BYTES).
             size = max(0, self.event_bytes - 120) // 2
             count = max(MIN_FILLERS, min(MAX_FILLERS, FILLER_POOL_BYTES // max(1, 2 * size)))
             self.fillers = [os.urandom(size).hex() for _ in range(count)]
+
+    @property
+    def mean_events_per_tx(self) -> float:
+        low, high = self.events_per_tx
+        return (low + high) / 2.0
 
     def take(self) -> int:
         index = self.next_index
@@ -130,12 +151,100 @@ class UnknownOutcomeError(Exception):
         self.sent = list(sent)
 
 
-class Writers:
-    """Concurrent writers, each with its own connection.
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Event:
+    """One outbox event of a writer transaction, before either kind of writer inserts it."""
 
-    With ``rate`` (committed msg/s) an open-loop pacer hands out one ticket per transaction at its
-    due time (``relay demo|bench``); without, each writer runs transactions back to back with an
-    optional jittered ``pause_s``, until :meth:`stop` or ``target_events`` committed events.
+    message_id: str
+    account: int
+    before: dict[str, Any]
+    after: dict[str, Any]
+
+
+class _Outbox(Protocol):
+    """How a writer inserts its events (on the transaction's cursor) and what it does after the
+    commit."""
+
+    async def add(self, cur: database.Cursor, events: Sequence[_Event]) -> None: ...
+
+    def notify(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _SqlOutbox:
+    """Plain SQL: one literal multi-row INSERT (``relay.tools.sql.INSERT_NEW``), no wake-up."""
+
+    def __init__(self, table: str) -> None:
+        self._table = table
+
+    async def add(self, cur: database.Cursor, events: Sequence[_Event]) -> None:
+        rows = [
+            (
+                e.message_id,
+                AGGREGATE_TYPE,
+                str(e.account),
+                EVENT_TYPE,
+                "u",
+                orjson.dumps(e.before).decode(),
+                orjson.dumps(e.after).decode(),
+                SOURCE_TABLE,
+            )
+            for e in events
+        ]
+        await database.insert_new(cur, self._table, rows)
+
+    def notify(self) -> None:
+        """Nothing: a writer in another language sends no wake-up."""
+
+    def close(self) -> None:
+        pass
+
+
+class _HelperOutbox:
+    """The writer helper ``relay.writer.OutboxWriter``; a wake-up after each commit when given
+    ``notify_to``."""
+
+    def __init__(self, table: str, notify_to: str | None) -> None:
+        from relay import writer  # noqa: PLC0415 - the plain-SQL writer must not load it
+
+        self._outbox: writer.OutboxWriter = writer.OutboxWriter(table, notify_to=notify_to)
+
+    async def add(self, cur: database.Cursor, events: Sequence[_Event]) -> None:
+        from relay import writer  # noqa: PLC0415 - loaded by __init__ already
+
+        await self._outbox.add(
+            cur,
+            *(
+                writer.Event(
+                    AGGREGATE_TYPE,
+                    str(e.account),
+                    EVENT_TYPE,
+                    before=e.before,
+                    after=e.after,
+                    source_table=SOURCE_TABLE,
+                    message_id=e.message_id,
+                )
+                for e in events
+            ),
+        )
+
+    def notify(self) -> None:
+        self._outbox.notify()
+
+    def close(self) -> None:
+        self._outbox.close()
+
+
+class Writers:
+    """Concurrent writers, each with its own connection, of ``kind`` ``sql`` (plain SQL, no
+    wake-up) or ``helper`` (``relay.writer``, wake-ups to ``notify_to``).
+
+    With a rate, an open-loop pacer hands out one ticket per transaction at its due time
+    (``relay demo|bench``): ``tx_rate`` in transactions/s (committed or rolled back on purpose),
+    or ``rate`` in committed events/s (converted with the workload's mean events per transaction
+    and rollback ratio). Without, each writer runs transactions back to back with an optional
+    jittered ``pause_s``, until :meth:`stop` or ``target_events`` committed events.
     """
 
     def __init__(
@@ -144,18 +253,32 @@ class Writers:
         workload: Workload,
         tracker: stats.Tracker,
         *,
+        kind: str = "helper",
         rate: float | None = None,
+        tx_rate: float | None = None,
         notify_to: str | None = None,
         pause_s: float = 0.0,
         reconnect_deadline_s: float = 120.0,
     ) -> None:
+        if rate is not None and tx_rate is not None:
+            raise ValueError("give rate (events/s) or tx_rate (transactions/s), not both")
+        if kind not in WRITER_KINDS:
+            raise ValueError(f"writer kind must be one of {WRITER_KINDS}, not {kind!r}")
+        if kind == "sql" and notify_to is not None:
+            raise ValueError("the plain-SQL writer sends no wake-up")
         self._settings = settings
         self._workload = workload
         self._tracker = tracker
-        self._rate = rate
+        if rate is not None:
+            tx_rate = rate / (workload.mean_events_per_tx * (1.0 - workload.rollback_ratio))
+        self._rate = tx_rate
         self._pause_s = pause_s
         self._reconnect_deadline_s = reconnect_deadline_s
-        self._outbox = writer.OutboxWriter(settings.outbox.table, notify_to=notify_to)
+        self.kind = kind
+        table = settings.outbox.table
+        self._outbox: _Outbox = (
+            _SqlOutbox(table) if kind == "sql" else _HelperOutbox(table, notify_to)
+        )
         self._tickets: asyncio.Queue[float] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._target: int | None = None
@@ -210,9 +333,10 @@ class Writers:
             self._target is not None and self.committed_count >= self._target
         )
 
-    async def _pace(self, rate: float) -> None:
-        """Open loop: a ticket per transaction at its due time; tickets pile up if writers lag."""
-        tx_rate = rate / (MEAN_EVENTS_PER_TX * (1.0 - self._workload.rollback_ratio))
+    async def _pace(self, tx_rate: float) -> None:
+        """Open loop: a ticket per transaction at its due time; tickets pile up if writers lag
+        (up to 10 per writer, then ticks are skipped and counted). Wakes at most every
+        ``PACER_MIN_WAIT_S``, handing out every ticket due by then."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         issued = 0
@@ -224,8 +348,10 @@ class Writers:
                 else:
                     self._tickets.put_nowait(loop.time())
             issued = due
-            wait = started + issued / tx_rate - loop.time()
-            if wait > 0:
+            wait = max(PACER_MIN_WAIT_S, started + issued / tx_rate - loop.time())
+            if wait <= PACER_SLEEP_S:
+                await asyncio.sleep(wait)  # cheaper than wait_for; stop is seen right after
+            else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), wait)
 
@@ -305,7 +431,7 @@ class Writers:
         """One domain transaction: change the account, add a ledger row and 1-3 events."""
         w = self._workload
         account = rng.randint(1, w.aggregates)
-        count = rng.randint(1, 3)
+        count = rng.randint(*w.events_per_tx)
         amount = rng.randint(-100, 100)
         roll_back = rng.random() < w.rollback_ratio
         sent: list[_Sent] = []
@@ -318,18 +444,8 @@ class Writers:
                     sequence = version - count + 1 + k
                     before, after = w.states(account, balance, sequence)
                     sent.append(_Sent(w.take(), account, sequence))
-                    events.append(
-                        writer.Event(
-                            AGGREGATE_TYPE,
-                            str(account),
-                            EVENT_TYPE,
-                            before=before,
-                            after=after,
-                            source_table=SOURCE_TABLE,
-                            message_id=w.message_id(sent[-1].index),
-                        )
-                    )
-                await self._outbox.add(cur, *events)
+                    events.append(_Event(w.message_id(sent[-1].index), account, before, after))
+                await self._outbox.add(cur, events)
             if roll_back:
                 await conn.rollback()
                 self._rolled_back(sent)
@@ -457,11 +573,24 @@ async def preload_published(
 # -- raw ceiling --------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class RawProgress:
+    """How far :func:`produce_raw` got (read by the live progress lines)."""
+
+    sent: int = 0
+    acknowledged: int = 0
+
+
 async def produce_raw(
-    settings: config.Settings, topic: str, workload: Workload, messages: int
+    settings: config.Settings,
+    topic: str,
+    workload: Workload,
+    messages: int,
+    progress: RawProgress | None = None,
 ) -> dict[str, float]:
     """The same records (envelope, key, headers) straight to Kafka with the relay's producer
     options, no database: this machine's ceiling. Values are built before the clock starts."""
+    progress = progress if progress is not None else RawProgress()
     formatter = envelope.Formatter.from_settings(with_topic(settings, topic))
     pool = []
     now_us = time.time_ns() // 1000
@@ -481,18 +610,22 @@ async def produce_raw(
                 topic, record.value, key=record.key, headers=record.headers
             )
             pending[-1].append(future)
+            progress.sent += 1
             if len(pending[-1]) >= 5000:
                 pending.append([])
                 if len(pending) > 4:
-                    await asyncio.gather(*pending.popleft())
+                    done = pending.popleft()
+                    await asyncio.gather(*done)
+                    progress.acknowledged += len(done)
         for chunk in pending:
             await asyncio.gather(*chunk)
+            progress.acknowledged += len(chunk)
         elapsed = time.monotonic() - started
     finally:
         await producer.stop()
     return {
-        "messages": float(messages),
+        "events": float(messages),
         "seconds": elapsed,
-        "msg_per_s": messages / elapsed,
+        "events_per_s": messages / elapsed,
         "value_bytes": float(sum(len(r.value) for r in pool) / len(pool)),
     }

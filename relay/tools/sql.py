@@ -46,7 +46,8 @@ INSERT_LEDGER = "INSERT INTO demo_ledger (account_id, amount) VALUES (%s, %s)"
 
 # how many of a transaction's message ids exist: resolves a commit whose outcome is unknown
 COUNT_MESSAGE_IDS = "SELECT COUNT(*) FROM {outbox} WHERE message_id IN %(ids)s"
-# preloads (executemany: multi-row INSERTs)
+# The plain-SQL writer (``relay bench --writer sql``: Service A in any language, README.md "Plain
+# SQL") and the preloads; executemany sends one multi-row INSERT. event_time: the column default.
 INSERT_NEW = (
     "INSERT INTO {outbox} (message_id, aggregate_type, aggregate_id, event_type, op, "
     "before_state, after_state, source_table) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"

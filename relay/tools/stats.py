@@ -157,8 +157,10 @@ class Tracker:
         self._in_flight: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._from_start = array.array("d")
         self._from_commit = array.array("d")
+        self._commit_times = array.array("d")  # t_commit of each latency, in receipt order
         self.cumulative = LogHistogram()
-        self.window: list[float] = []
+        self.window: list[float] = []  # from commit, since the last take_window(s)
+        self.window_from_start: list[float] = []  # from the transaction's start, likewise
         self.duplicates = 0
 
     # -- Service A ---------------------------------------------------------------------------
@@ -191,11 +193,14 @@ class Tracker:
         if sent is None or math.isnan(sent[2]):
             return
         _, _, t_start, t_commit = sent
-        self._from_start.append((t_receive - t_start) * 1000.0)
+        from_start = (t_receive - t_start) * 1000.0
+        self._from_start.append(from_start)
         from_commit = (t_receive - t_commit) * 1000.0
         self._from_commit.append(from_commit)
+        self._commit_times.append(t_commit)
         self.cumulative.record(from_commit)
         self.window.append(from_commit)
+        self.window_from_start.append(from_start)
 
     # -- figures -----------------------------------------------------------------------------
 
@@ -230,10 +235,39 @@ class Tracker:
         return self.pending(now - after_s)
 
     def take_window(self) -> list[float]:
-        """Commit-to-receipt latencies (ms) since the previous call, sorted."""
-        window, self.window = self.window, []
-        window.sort()
-        return window
+        """Commit-to-receipt latencies (ms) since the previous call, sorted (both windows are
+        reset)."""
+        return self.take_windows()[1]
+
+    def take_windows(self) -> tuple[list[float], list[float]]:
+        """Latencies (ms) since the previous call, sorted: (from the transaction's start, from
+        its commit)."""
+        from_start, self.window_from_start = self.window_from_start, []
+        from_commit, self.window = self.window, []
+        from_start.sort()
+        from_commit.sort()
+        return from_start, from_commit
+
+    @property
+    def latency_count(self) -> int:
+        """Latencies recorded so far: a position for :meth:`latencies_committed_since`."""
+        return len(self._from_start)
+
+    def latencies_committed_since(
+        self, t_commit: float, position: int = 0
+    ) -> tuple[list[float], list[float]]:
+        """Latencies (ms; from the start, from the commit) of the messages committed at or
+        after ``t_commit`` and received so far, sorted. ``position`` (a :attr:`latency_count`
+        taken before ``t_commit``) skips the earlier receipts."""
+        from_start: list[float] = []
+        from_commit: list[float] = []
+        for i in range(position, len(self._commit_times)):
+            if self._commit_times[i] >= t_commit:
+                from_start.append(self._from_start[i])
+                from_commit.append(self._from_commit[i])
+        from_start.sort()
+        from_commit.sort()
+        return from_start, from_commit
 
     def sequence_gaps(self) -> list[int]:
         """Aggregates whose committed sequences are not exactly 1..n (a writer bug)."""

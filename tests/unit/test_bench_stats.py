@@ -1,13 +1,20 @@
 """The delivery bookkeeping of the tools and the end-to-end tests: percentiles, loss,
-duplicates, order, key placement, rolled-back ids."""
+duplicates, order, key placement, rolled-back ids, latency windows; and the bench's Service A:
+writer kinds (plain SQL never loads ``relay.writer``), events per transaction, rates."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from typing import Any
 
 import pytest
 
-from relay.tools import stats
+from relay import cli, config
+from relay.tools import loadgen, stats
 
 PREFIX = "0123abcd-0000-4000-8000"
 
@@ -214,3 +221,122 @@ def test_bucket_delta_and_counter() -> None:
     assert stats.bucket_delta(after, before)[1] == (0.005, 85.0)
     assert stats.parse_counter(METRICS, "outbox_relay_published") == 1234.0
     assert math.isnan(stats.parse_counter(METRICS, "outbox_relay_missing"))
+
+
+def test_windows_from_start_and_from_commit_are_taken_together() -> None:
+    t = stats.Tracker()
+    for i, (start, commit, receive) in enumerate(((0.0, 0.010, 0.030), (0.0, 0.005, 0.015))):
+        t.committed(i, i, 1, start, commit)
+        t.received(i, receive)
+    from_start, from_commit = t.take_windows()
+    assert from_start == pytest.approx([15.0, 30.0])
+    assert from_commit == pytest.approx([10.0, 20.0])
+    assert t.take_windows() == ([], [])
+
+
+def test_latencies_of_messages_committed_since_a_moment() -> None:
+    t = stats.Tracker()
+    t.committed(0, 1, 1, 0.0, 1.0)
+    t.received(0, 1.5)
+    position = t.latency_count
+    t.committed(1, 2, 1, 2.0, 2.1)
+    t.committed(2, 3, 1, 2.0, 2.2)
+    t.received(2, 2.4)
+    t.received(1, 2.5)
+    from_start, from_commit = t.latencies_committed_since(2.0)
+    assert from_start == pytest.approx([400.0, 500.0])
+    assert from_commit == pytest.approx([200.0, 400.0])
+    assert t.latencies_committed_since(2.0, position) == (from_start, from_commit)
+    assert t.latencies_committed_since(0.5, position)[0] == pytest.approx([400.0, 500.0])
+    assert len(t.latencies_committed_since(0.5)[0]) == 3
+
+
+# -- Service A of the bench ---------------------------------------------------------------------
+
+
+class RecordingCursor:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[Any]]] = []
+
+    async def executemany(self, statement: str, rows: list[Any]) -> None:
+        self.calls.append((statement, rows))
+
+
+async def test_plain_sql_writer_inserts_a_literal_statement_and_sends_no_wake_up() -> None:
+    outbox = loadgen._SqlOutbox("outbox")
+    cur = RecordingCursor()
+    events = [loadgen._Event("m-1", 7, {"version": 0}, {"version": 1, "note": "x"})]
+    await outbox.add(cur, events)
+    ((statement, rows),) = cur.calls
+    assert statement.startswith("INSERT INTO `outbox` (message_id, aggregate_type, aggregate_id")
+    assert rows == [
+        (
+            "m-1",
+            "account",
+            "7",
+            "AccountBalanceChanged",
+            "u",
+            '{"version":0}',
+            '{"version":1,"note":"x"}',
+            "demo_account",
+        )
+    ]
+    outbox.notify()  # nothing to send, nothing raised
+
+
+def test_plain_sql_writer_never_loads_the_writer_helper() -> None:
+    code = (
+        "import json, sys\n"
+        "from relay import config\n"
+        "from relay.tools import bench, loadgen, stats\n"
+        "w = loadgen.Writers(config.Settings(), loadgen.Workload(aggregates=1, event_bytes=0),"
+        " stats.Tracker(), kind='sql', tx_rate=10)\n"
+        "before = 'relay.writer' in sys.modules\n"
+        "loadgen.Writers(config.Settings(), loadgen.Workload(aggregates=1, event_bytes=0),"
+        " stats.Tracker(), kind='helper', tx_rate=10)\n"
+        "print(json.dumps([before, 'relay.writer' in sys.modules]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    proc = subprocess.run(  # noqa: S603 - this interpreter, our own code
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, True]
+
+
+def test_writer_kinds_and_rates() -> None:
+    settings = config.Settings()
+    workload = loadgen.Workload(aggregates=1, event_bytes=0, events_per_tx=(2, 4))
+    assert workload.mean_events_per_tx == 3.0
+    tracker = stats.Tracker()
+    with pytest.raises(ValueError, match="no wake-up"):
+        loadgen.Writers(settings, workload, tracker, kind="sql", notify_to="127.0.0.1:9")
+    with pytest.raises(ValueError, match="kind"):
+        loadgen.Writers(settings, workload, tracker, kind="java")
+    with pytest.raises(ValueError, match="not both"):
+        loadgen.Writers(settings, workload, tracker, rate=10, tx_rate=10)
+    by_events = loadgen.Writers(settings, workload, tracker, kind="sql", rate=570.0)
+    assert by_events._rate == pytest.approx(570.0 / (3.0 * 0.95))  # committed events/s -> txn/s
+    assert loadgen.Writers(settings, workload, tracker, kind="sql", tx_rate=200)._rate == 200
+    with pytest.raises(ValueError, match="events per transaction"):
+        loadgen.Workload(events_per_tx=(0, 2))
+
+
+def test_bench_options() -> None:
+    args = cli.parser().parse_args(["bench"])
+    assert (args.mode, args.writer, args.rate, args.events_per_txn) == ("rate", "sql", 500, (1, 3))
+    assert args.duration is None  # rate mode 60 s, capacity 20 s per step
+    args = cli.parser().parse_args(
+        ["bench", "--mode", "capacity", "--writer", "helper", "--events-per-txn", "2-5"]
+    )
+    assert (args.mode, args.writer, args.events_per_txn) == ("capacity", "helper", (2, 5))
+    assert cli.parser().parse_args(["demo", "--events-per-txn", "1"]).events_per_txn == (1, 1)
+    for bad in (
+        ["--events-per-txn", "3-1"],
+        ["--events-per-txn", "x"],
+        ["--rate", "0"],
+        ["--step-factor", "1"],
+        ["--max-steps", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(["bench", *bad])
