@@ -103,6 +103,9 @@ class _Connection(aiomysql.Connection):  # type: ignore[misc] # aiomysql is unty
     ``verify_*`` refuse before any credential is sent, and ``preferred`` falls back without
     claiming TLS in its handshake response (as MySQL's own client)."""
 
+    _writer: Any  # aiomysql's stream writer and reader, None once closed
+    _reader: Any
+
     def __init__(self, *args: Any, tls_required: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._tls_required = tls_required
@@ -117,6 +120,17 @@ class _Connection(aiomysql.Connection):  # type: ignore[misc] # aiomysql is unty
                 )
             self.client_flag &= ~CLIENT.SSL
         await super()._request_authentication()
+
+    def close(self) -> None:
+        """Close at once, over TLS too: a TLS transport's close() first waits for the server's
+        close_notify, and a loop that stops meanwhile leaks the socket. The MySQL protocol
+        frames its own packets, so nothing is lost by not waiting (as in plain text)."""
+        writer = self._writer
+        if writer is not None and writer.get_extra_info("ssl_object") is not None:
+            self._writer = self._reader = None
+            writer.transport.abort()
+            return
+        super().close()
 
 
 def _ssl_reason(exc: BaseException) -> str:

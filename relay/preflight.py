@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import aiokafka.errors
+import structlog
+
 from relay import config, db, envelope, errors, publisher, queries, store
+
+log = structlog.get_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +166,18 @@ async def grant_problems(s: store.Store, conn: db.Connection) -> list[str]:
     return problems
 
 
+async def _kafka_cause(settings: config.Settings, exc: Exception) -> str:
+    """aiokafka says only "Unable to bootstrap": ask the servers why (TLS, SASL) when it can."""
+    detail = errors.one_line(exc)
+    if isinstance(exc, aiokafka.errors.KafkaConnectionError):
+        try:
+            async with asyncio.timeout(settings.kafka.request_timeout_s):
+                detail = await publisher.connect_problem(settings.kafka) or detail
+        except Exception as probe:  # noqa: BLE001 - the first error still says enough
+            log.debug("kafka_probe_failed", error=errors.one_line(probe))
+    return detail
+
+
 async def _kafka(
     settings: config.Settings, routes: list[tuple[str, str, str | None, str | None]]
 ) -> list[Result]:
@@ -170,7 +187,7 @@ async def _kafka(
             await pub.start()
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         await pub.stop()
-        return [Result("kafka", False, f"cannot connect: {errors.one_line(exc)}")]
+        return [Result("kafka", False, f"cannot connect: {await _kafka_cause(settings, exc)}")]
     try:
         results = [Result("kafka", True, f"connected to {settings.kafka.bootstrap_servers}")]
         formatter = envelope.Formatter.from_settings(settings)

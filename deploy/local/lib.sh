@@ -70,3 +70,11 @@ ensure_java_and_maven() {
         apt_install maven
     fi
 }
+
+# openssl makes the test CA and certificates of the local servers (deploy/local/certs.sh).
+ensure_openssl() {
+    if ! command -v openssl >/dev/null 2>&1; then
+        apt_install openssl
+    fi
+    command -v openssl >/dev/null 2>&1 || die "openssl still missing after installing it"
+}

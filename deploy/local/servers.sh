@@ -6,7 +6,9 @@
 # State lives under ${OUTBOX_LOCAL_DIR:-<repo>/.local}: mariadb/data, kafka/data, logs/, run/.
 # `up` is idempotent and returns once the server really works (SQL over TCP as the relay user;
 # a Kafka produce/consume round trip). `down` stops only what `up` started (by pid file).
-# Ports: OUTBOX_MARIADB_PORT (3307), OUTBOX_KAFKA_PORT (19092), OUTBOX_KAFKA_CONTROLLER_PORT (19093).
+# Ports: OUTBOX_MARIADB_PORT (3307), OUTBOX_KAFKA_PORT (19092), OUTBOX_KAFKA_CONTROLLER_PORT (19093),
+# OUTBOX_KAFKA_SSL_PORT (19094: TLS, client certificate required), OUTBOX_KAFKA_SASL_PORT (19095:
+# SASL_SSL, SCRAM-SHA-512). TLS everywhere from a test CA made by certs.sh under <state>/certs.
 set -euo pipefail
 
 # shellcheck source=deploy/local/lib.sh
@@ -15,6 +17,7 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 STATE_DIR="${OUTBOX_LOCAL_DIR:-$REPO_ROOT/.local}"
 LOG_DIR="$STATE_DIR/logs"
 RUN_DIR="$STATE_DIR/run"
+CERTS_DIR="$STATE_DIR/certs"
 
 MARIADB_PORT="${OUTBOX_MARIADB_PORT:-3307}"
 MARIADB_DIR="$STATE_DIR/mariadb"
@@ -27,6 +30,10 @@ MARIADB_PASSWORD=relay # dev-only credentials, documented in deploy/local/README
 
 KAFKA_PORT="${OUTBOX_KAFKA_PORT:-19092}"
 KAFKA_CONTROLLER_PORT="${OUTBOX_KAFKA_CONTROLLER_PORT:-19093}"
+KAFKA_SSL_PORT="${OUTBOX_KAFKA_SSL_PORT:-19094}"
+KAFKA_SASL_PORT="${OUTBOX_KAFKA_SASL_PORT:-19095}"
+KAFKA_SCRAM_USER=relay
+KAFKA_SCRAM_PASSWORD=relay # dev-only credentials, documented in deploy/local/README.md
 KAFKA_POM="$LOCAL_DIR_SCRIPTS/kafka/pom.xml"
 KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFKA_POM")"
 KAFKA_LIBS="$HOME/.cache/outbox-relay/kafka-$KAFKA_VERSION/libs"
@@ -37,6 +44,8 @@ KAFKA_LOG="$LOG_DIR/kafka.log"
 KAFKA_UP_DEADLINE="${OUTBOX_KAFKA_UP_DEADLINE:-90}"
 
 PYTHON="${PYTHON:-$REPO_ROOT/.venv/bin/python}"
+
+ensure_certs() { bash "$LOCAL_DIR_SCRIPTS/certs.sh" "$CERTS_DIR"; }
 
 # ---------------------------------------------------------------- process helpers
 
@@ -93,6 +102,14 @@ mariadb_tcp_ok() {
         -u"$MARIADB_USER" -p"$MARIADB_PASSWORD" --connect-timeout=3 -N -e 'SELECT 1' >/dev/null 2>&1
 }
 
+# TLS as a client checking the server certificate against the test CA: the session's cipher.
+mariadb_tls_cipher() {
+    mariadb --no-defaults --protocol=TCP -h127.0.0.1 -P"$MARIADB_PORT" \
+        -u"$MARIADB_USER" -p"$MARIADB_PASSWORD" --connect-timeout=3 \
+        --ssl --ssl-ca="$CERTS_DIR/ca.pem" --ssl-verify-server-cert \
+        -N -e "SHOW SESSION STATUS LIKE 'Ssl_cipher'" 2>/dev/null | cut -f2
+}
+
 mariadb_user_args() {
     # mariadbd refuses to run as root unless told to; as another user it simply runs as that user.
     if [ "$(id -u)" -eq 0 ]; then echo "--user=root"; fi
@@ -126,10 +143,12 @@ SQL
 }
 
 mariadb_up() {
+    local started=0
     mkdir -p "$MARIADB_DIR" "$LOG_DIR" "$RUN_DIR"
     if pid_alive "$MARIADB_PID" "$MARIADB_DATA"; then
         if mariadb_tcp_ok; then
             log "mariadb: already running (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT)"
+            mariadb_warn_without_tls
             return 0
         fi
         log "mariadb: pid $(cat "$MARIADB_PID") runs but does not answer yet; waiting"
@@ -140,6 +159,7 @@ mariadb_up() {
             die "mariadb: port $MARIADB_PORT is taken by another process (set OUTBOX_MARIADB_PORT)"
         fi
         mariadb_init_datadir
+        ensure_certs
         local mariadbd
         mariadbd="$(mariadbd_path)"
         log "mariadb: starting $mariadbd on 127.0.0.1:$MARIADB_PORT (log: $MARIADB_LOG)"
@@ -151,12 +171,14 @@ mariadb_up() {
             --datadir="$MARIADB_DATA" --socket="$MARIADB_SOCKET" --pid-file="$MARIADB_PID" \
             --bind-address=127.0.0.1 --port="$MARIADB_PORT" --skip-name-resolve \
             --log-error="$MARIADB_LOG" \
+            --ssl-ca="$CERTS_DIR/ca.pem" --ssl-cert="$CERTS_DIR/server.pem" --ssl-key="$CERTS_DIR/server.key" \
             --server-id=1 --log-bin=mariadb-bin --binlog-format=ROW --binlog-expire-logs-seconds=86400 \
             --innodb-buffer-pool-size=256M --innodb-flush-log-at-trx-commit=1 \
             --max-connections=500 \
             --character-set-server=utf8mb4 --collation-server=utf8mb4_unicode_ci \
             </dev/null >>"$MARIADB_LOG" 2>&1 9>&- & # 9>&-: the daemon must not hold the lock fd
         echo "$!" >"$MARIADB_PID"
+        started=1
     fi
     local deadline=$((SECONDS + 60))
     until mariadb_root -N -e 'SELECT 1' >/dev/null 2>&1; do
@@ -172,7 +194,26 @@ mariadb_up() {
     done
     mariadb_provision
     mariadb_tcp_ok || { tail_log "$MARIADB_LOG"; die "mariadb: SELECT 1 over TCP as $MARIADB_USER failed"; }
-    log "mariadb: up (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT, user $MARIADB_USER)"
+    local cipher
+    cipher="$(mariadb_tls_cipher)"
+    if [ -z "$cipher" ]; then
+        if [ "$started" -eq 0 ] && [ "$(mariadb_root -N -e 'SELECT @@have_ssl')" != YES ]; then
+            mariadb_warn_without_tls # started by an older servers.sh
+        else
+            tail_log "$MARIADB_LOG"
+            die "mariadb: no TLS connection verified against $CERTS_DIR/ca.pem"
+        fi
+    fi
+    log "mariadb: up (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT, user $MARIADB_USER, TLS ${cipher:-off})"
+}
+
+# A server started by a servers.sh from before TLS keeps running without it: say so, never
+# restart it behind the back of whoever uses it.
+mariadb_warn_without_tls() {
+    if [ "$(mariadb_root -N -e 'SELECT @@have_ssl' 2>/dev/null)" != YES ]; then
+        log "mariadb: WARNING: running without TLS (started before servers.sh enabled it);" \
+            "the TLS tests fail until it is restarted: servers.sh down mariadb && servers.sh up mariadb"
+    fi
 }
 
 mariadb_down() { stop_pidfile mariadb "$MARIADB_PID" "$MARIADB_DATA" 120; }
@@ -183,7 +224,7 @@ mariadb_status() {
         return 1
     fi
     if mariadb_tcp_ok; then
-        echo "mariadb: up (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT)"
+        echo "mariadb: up (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT, TLS $(mariadb_root -N -e 'SELECT @@have_ssl' 2>/dev/null))"
     else
         echo "mariadb: not answering (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT)"
         return 1
@@ -214,17 +255,35 @@ kafka_fetch_jars() {
     mv "$tmp" "$KAFKA_LIBS"
 }
 
+# pem_property NAME FILE: a Java properties entry whose value is the PEM file (continued lines).
+pem_property() {
+    printf '%s=' "$1"
+    sed -e 's/$/ \\/' -e '$ s/ \\$//' "$2"
+}
+
 kafka_write_config() {
     mkdir -p "$KAFKA_DIR" "$KAFKA_DATA"
+    # The file holds the broker's private key (inline PEM values ssl.keystore.key and
+    # ssl.keystore.certificate.chain, so the key needs no password): readable by us only.
+    (umask 077 && : >"$KAFKA_DIR/server.properties")
+    chmod 600 "$KAFKA_DIR/server.properties"
     cat >"$KAFKA_DIR/server.properties" <<EOF
 # Generated by deploy/local/servers.sh on every 'up'; edit the script, not this file.
 node.id=1
 process.roles=broker,controller
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL
+# SSL: mutual TLS (a client certificate from the test CA is required). SASL_SSL: TLS (no client
+# certificate) + SCRAM-SHA-512, users in the cluster metadata (format --add-scram, or kafka_scram).
+ssl.keystore.type=PEM
+ssl.truststore.type=PEM
+ssl.truststore.location=$CERTS_DIR/ca.pem
+listener.name.ssl.ssl.client.auth=required
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
 log.dirs=$KAFKA_DATA
 num.partitions=6
@@ -246,6 +305,10 @@ num.recovery.threads.per.data.dir=1
 log.retention.hours=24
 log.segment.bytes=104857600
 EOF
+    {
+        pem_property ssl.keystore.certificate.chain "$CERTS_DIR/server.pem"
+        pem_property ssl.keystore.key "$CERTS_DIR/server.key"
+    } >>"$KAFKA_DIR/server.properties"
     cat >"$KAFKA_DIR/log4j2.properties" <<'EOF'
 # Generated by deploy/local/servers.sh. stdout is appended to logs/kafka.log by servers.sh.
 status = warn
@@ -278,11 +341,63 @@ kafka_format() {
     [ -f "$KAFKA_DATA/meta.properties" ] && return 0
     local cid
     cid="$(new_cluster_id)"
-    log "kafka: formatting $KAFKA_DATA (cluster id $cid)"
+    log "kafka: formatting $KAFKA_DATA (cluster id $cid, SCRAM-SHA-512 user $KAFKA_SCRAM_USER)"
     java -Xmx256m -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -cp "$KAFKA_LIBS/*" \
         kafka.tools.StorageTool format --standalone --ignore-formatted \
+        --add-scram "SCRAM-SHA-512=[name=$KAFKA_SCRAM_USER,password=$KAFKA_SCRAM_PASSWORD]" \
         --cluster-id "$cid" --config "$KAFKA_DIR/server.properties" >>"$KAFKA_LOG" 2>&1 \
         || { tail_log "$KAFKA_LOG"; die "kafka: storage format failed"; }
+}
+
+kafka_tool() {
+    java -Xmx128m -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -cp "$KAFKA_LIBS/*" "$@"
+}
+
+# A data dir formatted before SCRAM (by an older servers.sh) has no SCRAM user: add it through
+# the running broker (kafka-configs), keeping every topic and offset. Never re-formats.
+kafka_scram() {
+    local out="$RUN_DIR/scram-users.out"
+    if ! kafka_tool kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --describe \
+        --entity-type users --entity-name "$KAFKA_SCRAM_USER" >"$out" 2>&1; then
+        cat "$out" >&2
+        die "kafka: cannot list the SCRAM users"
+    fi
+    grep -q "SCRAM-SHA-512" "$out" && return 0
+    log "kafka: adding the SCRAM-SHA-512 user $KAFKA_SCRAM_USER (data dir formatted without it)"
+    kafka_tool kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --alter \
+        --add-config "SCRAM-SHA-512=[password=$KAFKA_SCRAM_PASSWORD]" \
+        --entity-type users --entity-name "$KAFKA_SCRAM_USER" >"$out" 2>&1 \
+        || { cat "$out" >&2; die "kafka: adding the SCRAM user failed"; }
+}
+
+# kafka_secure_probe ssl|sasl PORT [TIMEOUT_S]: a produce through that listener.
+kafka_secure_probe() {
+    "$PYTHON" "$LOCAL_DIR_SCRIPTS/kafka/secure_probe.py" "$1" --bootstrap "127.0.0.1:$2" \
+        --certs "$CERTS_DIR" --user "$KAFKA_SCRAM_USER" --password "$KAFKA_SCRAM_PASSWORD" \
+        --timeout "${3:-20}"
+}
+
+# The SSL and SASL_SSL listeners take a produce; the SCRAM user is added first when missing.
+kafka_secure_up() {
+    local err="$RUN_DIR/secure_probe.err"
+    kafka_secure_probe ssl "$KAFKA_SSL_PORT" 2>"$err" \
+        || { cat "$err" >&2; tail_log "$KAFKA_LOG" 60; die "kafka: the SSL (mTLS) listener does not work"; }
+    if ! kafka_secure_probe sasl "$KAFKA_SASL_PORT" 10 2>"$err"; then
+        kafka_scram
+        kafka_secure_probe sasl "$KAFKA_SASL_PORT" 2>"$err" \
+            || { cat "$err" >&2; tail_log "$KAFKA_LOG" 60; die "kafka: the SASL_SSL listener does not work"; }
+    fi
+    rm -f "$err"
+}
+
+# A broker started by a servers.sh from before TLS keeps running without the secured listeners:
+# say so, never restart it behind the back of whoever uses it.
+kafka_warn_without_tls() {
+    if ! port_open "$KAFKA_SSL_PORT" || ! port_open "$KAFKA_SASL_PORT"; then
+        log "kafka: WARNING: no SSL/SASL_SSL listener on $KAFKA_SSL_PORT/$KAFKA_SASL_PORT (started" \
+            "before servers.sh added them); the TLS tests fail until it is restarted:" \
+            "servers.sh down kafka && servers.sh up kafka"
+    fi
 }
 
 kafka_roundtrip() {
@@ -290,11 +405,13 @@ kafka_roundtrip() {
 }
 
 kafka_up() {
+    local started=0
     mkdir -p "$KAFKA_DIR" "$LOG_DIR" "$RUN_DIR"
     [ -x "$PYTHON" ] || die "kafka: $PYTHON not found (run deploy/local/bootstrap.sh or set PYTHON)"
     if pid_alive "$KAFKA_PID" "$KAFKA_DIR/server.properties"; then
         if kafka_roundtrip --quiet 2>/dev/null; then
             log "kafka: already running (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT)"
+            kafka_warn_without_tls
             return 0
         fi
         log "kafka: pid $(cat "$KAFKA_PID") runs but the round trip fails yet; waiting"
@@ -302,12 +419,13 @@ kafka_up() {
         rm -f "$KAFKA_PID"
         ensure_java_and_maven
         local p
-        for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+        for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SSL_PORT" "$KAFKA_SASL_PORT"; do
             if port_open "$p"; then
-                die "kafka: port $p is taken by another process (set OUTBOX_KAFKA_PORT / OUTBOX_KAFKA_CONTROLLER_PORT)"
+                die "kafka: port $p is taken by another process (set OUTBOX_KAFKA_PORT / OUTBOX_KAFKA_CONTROLLER_PORT / OUTBOX_KAFKA_SSL_PORT / OUTBOX_KAFKA_SASL_PORT)"
             fi
         done
         kafka_fetch_jars
+        ensure_certs
         kafka_write_config
         kafka_format
         log "kafka: starting Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (log: $KAFKA_LOG)"
@@ -316,6 +434,7 @@ kafka_up() {
             -cp "$KAFKA_LIBS/*" kafka.Kafka "$KAFKA_DIR/server.properties" \
             </dev/null >>"$KAFKA_LOG" 2>&1 9>&- &
         echo "$!" >"$KAFKA_PID"
+        started=1
     fi
     local deadline=$((SECONDS + KAFKA_UP_DEADLINE)) err="$RUN_DIR/roundtrip.err"
     until kafka_roundtrip --quiet 2>"$err"; do
@@ -331,7 +450,14 @@ kafka_up() {
         sleep 1
     done
     rm -f "$err"
-    log "kafka: up (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT)"
+    local secure="SSL $KAFKA_SSL_PORT, SASL_SSL $KAFKA_SASL_PORT"
+    if [ "$started" -eq 1 ] || port_open "$KAFKA_SSL_PORT"; then
+        kafka_secure_up
+    else
+        kafka_warn_without_tls # started by an older servers.sh
+        secure="no SSL/SASL_SSL listeners"
+    fi
+    log "kafka: up (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT; $secure)"
 }
 
 kafka_down() { stop_pidfile kafka "$KAFKA_PID" "$KAFKA_DIR/server.properties" 60; }
@@ -342,7 +468,9 @@ kafka_status() {
         return 1
     fi
     if port_open "$KAFKA_PORT"; then
-        echo "kafka: up (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT)"
+        local secure="SSL $KAFKA_SSL_PORT, SASL_SSL $KAFKA_SASL_PORT"
+        port_open "$KAFKA_SSL_PORT" || secure="no SSL/SASL_SSL listeners"
+        echo "kafka: up (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT; $secure)"
     else
         echo "kafka: not listening (pid $(cat "$KAFKA_PID"), 127.0.0.1:$KAFKA_PORT)"
         return 1

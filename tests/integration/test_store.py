@@ -486,3 +486,13 @@ async def test_server_ends_a_silent_session_and_frees_its_shards(
         assert 1.0 < waited_s < 10.0, waited_s  # ended by the server, not by us
     finally:
         db.close(silent)
+
+
+async def test_writer_async_sends_binary_payloads(settings: config.Settings) -> None:
+    """aiomysql with PyMySQL 1.2 could not bind bytes (pyproject pins PyMySQL below 1.2)."""
+    blob = bytes(range(256))
+    (message_id,) = await helpers.write(settings, helpers.event("bin", payload=blob))
+    rows = await helpers.sql(
+        settings, "SELECT payload FROM outbox WHERE message_id = %s", [message_id]
+    )
+    assert rows == [(blob,)]
