@@ -132,6 +132,47 @@ async def test_start_up_check_names_a_missing_grant(
         admin.close()
 
 
+def _as_user(settings: config.Settings, user: str) -> config.Settings:
+    secret = pydantic.SecretStr("pw")
+    return settings.model_copy(
+        update={"db": settings.db.model_copy(update={"user": user, "password": secret})}
+    )
+
+
+async def test_the_readme_least_privilege_grants_are_enough(
+    settings: config.Settings, mariadb: MariaDB, database: str
+) -> None:
+    """The grants README.md ("Grants") lists: the migrate user creates and upgrades the schema,
+    the relay user passes the start-up check and `relay check` has nothing excess to say."""
+    suffix = uuid.uuid4().hex[:8]
+    relay_user, migrate_user = f"lp_{suffix}", f"lpm_{suffix}"
+    db_ = f"`{database}`"
+    grants = [
+        f"GRANT SELECT, UPDATE, DELETE ON {db_}.`outbox` TO '{relay_user}'@'%'",
+        f"GRANT SELECT, UPDATE ON {db_}.`outbox_shard` TO '{relay_user}'@'%'",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON {db_}.`outbox_hold` TO '{relay_user}'@'%'",
+        f"GRANT SELECT ON {db_}.`outbox_meta` TO '{relay_user}'@'%'",
+        f"GRANT CREATE, ALTER, INDEX, SELECT, INSERT, UPDATE ON {db_}.* TO '{migrate_user}'@'%'",
+    ]
+    for user in (relay_user, migrate_user):
+        helpers.server_sql(mariadb, f"CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'")
+    try:
+        for user in (relay_user, migrate_user):
+            helpers.server_sql(mariadb, f"GRANT USAGE ON *.* TO '{user}'@'%'")
+        helpers.server_sql(mariadb, grants[-1])
+        async with db.connection(_as_user(settings, migrate_user)) as conn:
+            await store.Store("outbox").migrate(conn)  # tables exist only now: grant after
+        for grant in grants[:-1]:
+            helpers.server_sql(mariadb, grant)
+        relay_settings = _as_user(settings, relay_user)
+        await preflight.verify(relay_settings)
+        async with db.connection(relay_settings) as conn:
+            assert preflight.excess_privileges(await store.Store("outbox").grants(conn)) == []
+    finally:
+        for user in (relay_user, migrate_user):
+            helpers.server_sql(mariadb, f"DROP USER IF EXISTS '{user}'@'%'")
+
+
 async def _handler_reads(conn: db.Connection) -> dict[str, int]:
     async with conn.cursor() as cur:
         await cur.execute("SHOW SESSION STATUS LIKE 'Handler_read%'")
