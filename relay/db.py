@@ -15,7 +15,8 @@ from relay import config, errors, store
 
 Connection = Any  # aiomysql.Connection is untyped
 ConnectionContext = contextlib.AbstractAsyncContextManager[Connection]
-IDLE_MARGIN_S = 10.0
+IDLE_MARGIN_MIN_S = 2.0
+IDLE_MARGIN_MAX_S = 10.0
 
 
 async def connect(
@@ -154,8 +155,11 @@ def _tls_failure(db: config.DatabaseSettings, reason: str) -> str:
 
 def idle_transaction_timeout_s(settings: config.Settings) -> float:
     """How long the server lets a relay session idle inside a transaction: a cycle idles while
-    it publishes (``publish_timeout_s``, dead-letter copy included), plus a margin."""
-    return settings.worker.publish_timeout_s + IDLE_MARGIN_S
+    it publishes (``publish_timeout_s``, dead-letter copy included), plus a margin of half the
+    publish timeout (2 to 10 s), so that other relays take a silent relay's shards over within
+    twice the publish timeout."""
+    publish_s = settings.worker.publish_timeout_s
+    return publish_s + max(IDLE_MARGIN_MIN_S, min(IDLE_MARGIN_MAX_S, publish_s / 2))
 
 
 @contextlib.asynccontextmanager

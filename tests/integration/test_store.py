@@ -464,7 +464,7 @@ async def test_server_ends_a_silent_session_and_frees_its_shards(
 ) -> None:
     """A relay that goes silent inside a cycle (a network black hole) must not keep its shards
     until wait_timeout (8 h): the session's idle timeout ends it, and another claimer gets the
-    shard. (The relay sets publish_timeout_s + 10 s; 2 s here.)"""
+    shard. (The relay sets publish_timeout_s and half as much again; 2 s here.)"""
     silent = await db.connect(settings, autocommit=False)
     try:
         await S.prepare_session(silent, lock_wait_timeout_s=1, idle_timeout_s=2)
