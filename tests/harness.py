@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +336,25 @@ def assert_clean(summary: stats.Summary) -> None:
     assert not problems, f"{problems}; {summary.describe()}"
 
 
+async def verify_delivered(
+    s: Scenario, service_b: consumer.Consumer, describe: Callable[[], str] | None = None
+) -> None:
+    """Once the writers stopped: their sequences have no gap, everything committed is delivered
+    and published, nothing else is in the outbox, Service B has read to the end. With
+    ``describe``, a failure is an AssertionError that adds ``describe()`` (e.g. the relays'
+    state) to its message."""
+    check_sequences(s)
+    try:
+        await service_b.wait_delivered(timeout_s=120)
+        await wait_drained(s, timeout_s=60)
+        await check_outbox(s)
+        await service_b.wait_caught_up()
+    except (AssertionError, TimeoutError) as exc:
+        if describe is None:
+            raise
+        raise AssertionError(f"{exc}; {describe()}") from None
+
+
 async def drain_stop_and_verify(
     s: Scenario,
     service_b: consumer.Consumer,
@@ -345,11 +364,7 @@ async def drain_stop_and_verify(
     """Stop the writers; then everything is delivered and published, the relay (alive all the
     while) stops on SIGTERM with exit 0 and logged no error; returns the delivery summary."""
     await writers.stop()
-    check_sequences(s)
-    await service_b.wait_delivered(timeout_s=120)
-    await wait_drained(s, timeout_s=60)
-    await check_outbox(s)
-    await service_b.wait_caught_up()
+    await verify_delivered(s, service_b)
     assert relay.alive, relay.tail()
     assert await relay.terminate() == 0, relay.tail()
     assert not relay_errors(relay), relay.tail()

@@ -21,7 +21,6 @@ A :class:`ProxyGroup` applies a toxic to several proxies at once (the brokers of
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -31,6 +30,8 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from servers import REPO_ROOT, unique_name
+
+from relay.tools import net
 
 TOXIPROXY_SH = REPO_ROOT / "deploy" / "local" / "toxiproxy.sh"
 DEFAULT_PORT = 18474
@@ -84,16 +85,7 @@ class Toxiproxy:
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
             "Connection: close\r\n\r\n"
         )
-        async with asyncio.timeout(self.timeout_s):
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            try:
-                writer.write(head.encode() + payload)
-                await writer.drain()
-                data = await reader.read()
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+        data = await net.exchange(self.port, head.encode() + payload, self.timeout_s)
         status_line, _, rest = data.partition(b"\r\n")
         headers, _, text = rest.partition(b"\r\n\r\n")
         status = int(status_line.split(b" ", 2)[1]) if status_line.startswith(b"HTTP/") else 0

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from servers import REPO_ROOT, MariaDB, unique_name
+from servers import REPO_ROOT, MariaDB, server_sql, unique_name
 
 # dev-only SCRAM-SHA-512 credentials created by deploy/local/servers.sh
 SCRAM_USER = "relay"
@@ -75,13 +75,8 @@ def tls_problems(server: MariaDB, certs: Certs, kafka: SecureKafka) -> list[str]
         for path in (certs.ca, certs.client_cert, certs.client_key)
         if not Path(path).is_file()
     ]
-    conn = server.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT @@have_ssl")
-            row = cur.fetchone()
-    finally:
-        conn.close()
+    rows = server_sql(server, "SELECT @@have_ssl")
+    row = rows[0] if rows else None
     if not row or row[0] != "YES":
         problems.append(f"MariaDB at {server.address} runs without TLS (have_ssl={row})")
     for bootstrap in (kafka.ssl_bootstrap, kafka.sasl_bootstrap):
@@ -97,25 +92,13 @@ def create_user(server: MariaDB, database: str, require: str) -> tuple[str, str]
     """A user ``tls_<hex>``@'%' with every privilege on ``database`` and ``REQUIRE <require>``
     (``SSL``, ``X509``, ``NONE``); returns (user, password)."""
     user, password = unique_name("tls_"), unique_name("pw_")
-    conn = server.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                f"CREATE USER '{user}'@'%%' IDENTIFIED BY %s REQUIRE {require}", (password,)
-            )
-            cur.execute(f"GRANT ALL PRIVILEGES ON `{database}`.* TO '{user}'@'%'")
-    finally:
-        conn.close()
+    server_sql(server, f"CREATE USER '{user}'@'%%' IDENTIFIED BY %s REQUIRE {require}", password)
+    server_sql(server, f"GRANT ALL PRIVILEGES ON `{database}`.* TO '{user}'@'%'")
     return user, password
 
 
 def drop_user(server: MariaDB, user: str) -> None:
-    conn = server.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP USER IF EXISTS '{user}'@'%'")
-    finally:
-        conn.close()
+    server_sql(server, f"DROP USER IF EXISTS '{user}'@'%'")
 
 
 def make_other_ca(directory: Path) -> str:

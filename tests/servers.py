@@ -85,14 +85,8 @@ def unique_name(prefix: str) -> str:
 
 def check_mariadb(server: MariaDB) -> None:
     """Raise unless ``SELECT 1`` works over TCP as the configured user."""
-    conn = server.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1")
-            if cur.fetchone() != (1,):
-                raise RuntimeError("SELECT 1 returned something else")
-    finally:
-        conn.close()
+    if server_sql(server, "SELECT 1") != [(1,)]:
+        raise RuntimeError("SELECT 1 returned something else")
 
 
 def run_in_thread(fn: Callable[[], T]) -> T:
@@ -165,21 +159,23 @@ def ensure_reachable(server: S, check: Callable[[S], None], name: str, address: 
 # ------------------------------------------------------------------ databases
 
 
-def create_database(server: MariaDB, name: str) -> None:
-    conn = server.connect()
+def server_sql(
+    server: MariaDB, statement: str, *args: object, database: str | None = None
+) -> list[tuple[Any, ...]]:
+    """Run one statement with PyMySQL as the servers' user (autocommit), not through the relay's
+    connections; its rows. Without ``args`` the statement is sent as it is (no ``%`` escaping)."""
+    conn = server.connect(database)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"
-            )
+            cur.execute(statement, args or None)
+            return list(cur.fetchall())
     finally:
         conn.close()
+
+
+def create_database(server: MariaDB, name: str) -> None:
+    server_sql(server, f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
 
 
 def drop_database(server: MariaDB, name: str) -> None:
-    conn = server.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-    finally:
-        conn.close()
+    server_sql(server, f"DROP DATABASE IF EXISTS `{name}`")

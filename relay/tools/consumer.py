@@ -4,7 +4,6 @@ records each delivery in a :class:`relay.tools.stats.Tracker`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from typing import Any
@@ -60,10 +59,7 @@ class Consumer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await polling.cancel(self._task)
         await self._consumer.stop()
 
     async def _run(self) -> None:

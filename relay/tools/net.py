@@ -1,4 +1,5 @@
-"""Loopback networking of the tools and tests: a free port, a GET on the relay's probe port."""
+"""Loopback networking of the tools and tests: a free port, one request and its answer, a GET
+on the relay's probe port."""
 
 from __future__ import annotations
 
@@ -18,18 +19,25 @@ def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
         return port
 
 
-async def http_get(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
-    """GET on the relay's probe port (HTTP/1.0, no keep-alive): status and body."""
+async def exchange(port: int, request: bytes, timeout_s: float) -> bytes:
+    """Send ``request`` on a new connection to 127.0.0.1:``port`` and read until the server
+    closes it: everything it answered. TimeoutError after ``timeout_s`` for the whole."""
     async with asyncio.timeout(timeout_s):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            writer.write(request)
             await writer.drain()
-            data = await reader.read()
+            return await reader.read()
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+async def http_get(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
+    """GET on the relay's probe port (HTTP/1.0, no keep-alive): status and body."""
+    request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    data = await exchange(port, request, timeout_s)
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
     return status, body.decode()

@@ -1,11 +1,13 @@
-"""One way to wait for a condition, shared by the tools and the tests."""
+"""Waiting, shared by the tools and the tests: for a condition, for a cancelled task."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 async def wait_until(
@@ -29,3 +31,11 @@ async def wait_until(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
         await asyncio.sleep(interval_s)
+
+
+async def cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended; its cancellation is not raised."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

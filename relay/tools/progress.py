@@ -14,7 +14,6 @@ A :class:`Ticker` prints what a meter's ``line()`` returns. The meters:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Protocol, TextIO
 import psutil
 import structlog
 
-from relay.tools import loadgen, processes, stats
+from relay.tools import loadgen, polling, processes, stats
 
 log = structlog.get_logger(__name__)
 
@@ -237,10 +236,7 @@ class Ticker:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await polling.cancel(self._task)
 
     async def _run(self) -> None:
         started = time.monotonic()

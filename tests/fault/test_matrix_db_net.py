@@ -33,7 +33,7 @@ import dataclasses
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import cluster
@@ -130,7 +130,7 @@ class Setup:
 
 
 @contextlib.asynccontextmanager
-async def victim_setup(
+async def _victim_setup(
     case: str,
     mariadb: MariaDB,
     kafka_cluster: cluster.Cluster,
@@ -166,6 +166,36 @@ async def victim_setup(
                     yield Setup(m, victim_proxy, observer_proxy, Watcher(conn, user))
 
 
+VictimSetup = Callable[..., contextlib.AbstractAsyncContextManager[Setup]]
+
+
+@pytest.fixture
+def victim_setup(
+    mariadb: MariaDB,
+    kafka_cluster: cluster.Cluster,
+    toxiproxy: proxies.Toxiproxy,
+    database: str,
+    tmp_path: Path,
+) -> VictimSetup:
+    """``victim_setup(case, victim_settings=None)``: the matrix of :func:`_victim_setup` on this
+    test's servers and database, working in its ``tmp_path``."""
+
+    def setup(
+        case: str, victim_settings: Mapping[str, str | int | float] | None = None
+    ) -> contextlib.AbstractAsyncContextManager[Setup]:
+        return _victim_setup(
+            case,
+            mariadb,
+            kafka_cluster,
+            toxiproxy,
+            database,
+            workdir=tmp_path,
+            victim_settings=victim_settings,
+        )
+
+    return setup
+
+
 async def wait_victim_publishes(m: cluster.Matrix) -> float:
     """Until the victim's published counter rises; the seconds it took."""
     victim = m.relays[1]
@@ -182,20 +212,9 @@ async def wait_victim_publishes(m: cluster.Matrix) -> float:
     return time.monotonic() - started
 
 
-async def test_database_black_hole_longer_than_the_lock_wait(
-    mariadb: MariaDB,
-    kafka_cluster: cluster.Cluster,
-    toxiproxy: proxies.Toxiproxy,
-    database: str,
-    tmp_path: Path,
-) -> None:
+async def test_database_black_hole_longer_than_the_lock_wait(victim_setup: VictimSetup) -> None:
     async with victim_setup(
         "c1-db-black-hole",
-        mariadb,
-        kafka_cluster,
-        toxiproxy,
-        database,
-        workdir=tmp_path,
         victim_settings={
             "kafka__linger_s": VICTIM_LINGER_S,
             "db__call_timeout_s": VICTIM_CALL_TIMEOUT_S,
@@ -276,16 +295,8 @@ def _figure(value: float) -> str:
     return f">{BLACK_HOLE_MAX_S:g}" if value >= BLACK_HOLE_MAX_S else f"{value:.1f}"
 
 
-async def test_database_cut_during_the_mark_commit(
-    mariadb: MariaDB,
-    kafka_cluster: cluster.Cluster,
-    toxiproxy: proxies.Toxiproxy,
-    database: str,
-    tmp_path: Path,
-) -> None:
-    async with victim_setup(
-        "c2-db-cut-in-commit", mariadb, kafka_cluster, toxiproxy, database, workdir=tmp_path
-    ) as setup:
+async def test_database_cut_during_the_mark_commit(victim_setup: VictimSetup) -> None:
+    async with victim_setup("c2-db-cut-in-commit") as setup:
         m, proxy, watcher = setup.matrix, setup.victim_proxy, setup.watcher
         victim = m.relays[1]
         name = f"relay->MariaDB cut while the mark COMMIT's answer is on its way, x{COMMIT_CUTS}"

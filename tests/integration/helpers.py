@@ -6,13 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import prometheus_client
+import servers
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from servers import Kafka, MariaDB, unique_name
+from servers import REPO_ROOT, Kafka, MariaDB, unique_name
 
 from relay import app, config, db, pacing, publisher, store, worker, writer
 from relay.tools import net, polling, topics
@@ -22,6 +27,7 @@ TABLE = "outbox"
 # The shared implementations, under the names the integration tests use.
 closed_port = net.free_port  # a local TCP port nobody listens on
 wait_until = polling.wait_until  # wait_until(predicate, what, timeout_s=30.0)
+server_sql = servers.server_sql  # server_sql(mariadb, statement, *args, database=None)
 
 
 def make_settings(
@@ -86,18 +92,26 @@ async def sql(
         db.close(conn)
 
 
-def server_sql(
-    mariadb: MariaDB, statement: str, *args: object, database: str | None = None
-) -> list[tuple[Any, ...]]:
-    """Run one statement with PyMySQL as the servers' user (autocommit), not through the relay's
-    connections; its rows."""
-    conn = mariadb.connect(database)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement, args or None)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
+def relay_env(tmp_path: Path, **variables: str) -> dict[str, str]:
+    """The environment of a ``relay`` command: this one without its ``RELAY_*`` variables, an
+    empty secrets directory, JSON logs, then ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
+    env.update(RELAY_SECRETS_DIR=str(tmp_path / "no-secrets"), RELAY_LOG__FORMAT="json")
+    env.update(variables)
+    return env
+
+
+def run_relay(args: Sequence[str], env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """``relay <args>`` in a process of this Python with environment ``env``; not checked."""
+    return subprocess.run(  # noqa: S603 - our own CLI with fixed arguments
+        [sys.executable, "-m", "relay", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 async def write(settings: config.Settings, *events: writer.Event) -> list[str]:

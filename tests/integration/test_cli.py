@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pymysql
 import pytest
 from integration import helpers
-from servers import REPO_ROOT, Kafka, MariaDB
+from servers import Kafka, MariaDB
 
 pytestmark = pytest.mark.integration
 
@@ -18,9 +15,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def env(mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path) -> dict[str, str]:
     """The environment of a `relay` command on the test servers and the test's database."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
-    env.update(
-        RELAY_SECRETS_DIR=str(tmp_path / "no-secrets"),
+    return helpers.relay_env(
+        tmp_path,
         RELAY_DB__HOST=mariadb.host,
         RELAY_DB__PORT=str(mariadb.port),
         RELAY_DB__USER=mariadb.user,
@@ -28,20 +24,6 @@ def env(mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path) -> dict[s
         RELAY_DB__NAME=database,
         RELAY_KAFKA__BOOTSTRAP_SERVERS=kafka.bootstrap,
         RELAY_KAFKA__REQUEST_TIMEOUT_S="5",
-        RELAY_LOG__FORMAT="json",
-    )
-    return env
-
-
-def relay(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603 - our own CLI with fixed arguments
-        [sys.executable, "-m", "relay", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
 
 
@@ -49,7 +31,7 @@ def test_schema_prints_runnable_create_tables(
     mariadb: MariaDB, database: str, env: dict[str, str]
 ) -> None:
     env["RELAY_OUTBOX__TABLE"] = "events"
-    proc = relay(["schema"], env)
+    proc = helpers.run_relay(["schema"], env)
     assert proc.returncode == 0, proc.stderr
     assert "CREATE TABLE IF NOT EXISTS `events` (" in proc.stdout
     assert "CREATE TABLE IF NOT EXISTS `events_shard` (" in proc.stdout
@@ -82,12 +64,12 @@ def test_migrate_then_check(
 ) -> None:
     env["RELAY_OUTBOX__TOPIC_TEMPLATE"] = topic
     for _ in range(2):  # idempotent
-        proc = relay(["migrate"], env)
+        proc = helpers.run_relay(["migrate"], env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"schema version 2 current: {database}.outbox" in proc.stdout
     # a new row routed to the fixture topic: the check looks that topic up
     _insert_new_row(mariadb, database, "order")
-    proc = relay(["check"], env)
+    proc = helpers.run_relay(["check"], env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     for name in ("database", "schema", "grants", "kafka", "topics"):
@@ -105,15 +87,15 @@ def test_check_fails_on_a_missing_topic(
     mariadb: MariaDB, database: str, env: dict[str, str]
 ) -> None:
     env["RELAY_OUTBOX__TOPIC_TEMPLATE"] = "missing.{aggregate_type}"
-    assert relay(["migrate"], env).returncode == 0
+    assert helpers.run_relay(["migrate"], env).returncode == 0
     _insert_new_row(mariadb, database, "nowhere")
-    proc = relay(["check"], env)
+    proc = helpers.run_relay(["check"], env)
     assert proc.returncode == 3, proc.stdout + proc.stderr  # operational: the topic is missing
     assert "FAIL topics: missing topics ['missing.nowhere']" in proc.stdout
 
 
 def test_check_fails_when_table_missing(env: dict[str, str]) -> None:
-    proc = relay(["check"], env)
+    proc = helpers.run_relay(["check"], env)
     assert proc.returncode == 4, proc.stdout + proc.stderr  # missing schema
     assert "FAIL schema: table 'outbox' missing: run `relay migrate`" in proc.stdout
 
@@ -121,13 +103,13 @@ def test_check_fails_when_table_missing(env: dict[str, str]) -> None:
 def test_check_fails_when_database_unreachable(env: dict[str, str]) -> None:
     env["RELAY_DB__PORT"] = str(helpers.closed_port())
     env["RELAY_DB__CONNECT_TIMEOUT_S"] = "2"
-    proc = relay(["check"], env)
+    proc = helpers.run_relay(["check"], env)
     assert proc.returncode == 3, proc.stdout + proc.stderr  # dependency unreachable
     assert "FAIL database: cannot connect" in proc.stdout
 
 
 def test_replay_puts_failed_rows_back(mariadb: MariaDB, database: str, env: dict[str, str]) -> None:
-    assert relay(["migrate"], env).returncode == 0
+    assert helpers.run_relay(["migrate"], env).returncode == 0
     conn = mariadb.connect(database)
     try:
         with conn.cursor() as cur:
@@ -138,12 +120,12 @@ def test_replay_puts_failed_rows_back(mariadb: MariaDB, database: str, env: dict
             )
             cur.execute("SELECT id FROM outbox ORDER BY id")
             ids = [int(r[0]) for r in cur.fetchall()]
-        proc = relay(["replay", "--id", str(ids[0]), "--id", str(ids[2])], env)
+        proc = helpers.run_relay(["replay", "--id", str(ids[0]), "--id", str(ids[2])], env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "rows put back to new: 2; holds released: 0" in proc.stdout
         statuses = _statuses(conn)
         assert statuses == [("new", None), ("failed", "too_large: x")] * 2
-        proc = relay(["replay"], env)
+        proc = helpers.run_relay(["replay"], env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "rows put back to new: 2" in proc.stdout
         assert _statuses(conn) == [("new", None)] * 4

@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import struct
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,9 +21,9 @@ import secure_servers
 from integration import helpers
 from pymysql.constants import CLIENT
 from secure_servers import Certs, SecureKafka
-from servers import REPO_ROOT, Kafka, MariaDB
+from servers import Kafka, MariaDB
 
-from relay import config, db, errors, publisher
+from relay import app, config, db, errors, publisher
 
 pytestmark = pytest.mark.integration
 
@@ -105,8 +103,7 @@ def _relay(
     args: list[str], settings: config.Settings, tmp_path: Path
 ) -> subprocess.CompletedProcess[str]:
     """``relay <args>`` in a process, configured by environment variables from ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
-    env.update(RELAY_SECRETS_DIR=str(tmp_path / "no-secrets"), RELAY_LOG__FORMAT="json")
+    env = helpers.relay_env(tmp_path)
     groups: dict[str, Mapping[str, Any]] = {
         "DB": settings.db.model_dump(exclude_none=True),
         "KAFKA": settings.kafka.model_dump(exclude_none=True),
@@ -116,15 +113,18 @@ def _relay(
         for name, value in values.items():
             secret = getattr(value, "get_secret_value", None)
             env[f"RELAY_{group}__{name.upper()}"] = str(secret() if secret else value)
-    return subprocess.run(  # noqa: S603 - our own CLI with fixed arguments
-        [sys.executable, "-m", "relay", *args],
-        env=env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return helpers.run_relay(args, env)
+
+
+def _check_fails_once(settings: config.Settings, tmp_path: Path, component: str) -> tuple[str, str]:
+    """``relay check`` exits 3 without a traceback and has exactly one line on ``component``:
+    that line, and everything the command printed (stdout, then stderr)."""
+    check = _relay(["check"], settings, tmp_path)
+    assert check.returncode == 3, check.stdout + check.stderr
+    assert "Traceback" not in check.stderr
+    lines = [line for line in check.stdout.splitlines() if f" {component}: " in line]
+    assert len(lines) == 1, check.stdout
+    return lines[0], check.stdout + check.stderr
 
 
 # ------------------------------------------------------------------ MariaDB
@@ -186,13 +186,9 @@ async def test_wrong_ca_fails_with_one_clear_line(
     assert lines[0].startswith("relay migrate: OperationalError: (2026, 'SSL connection error:")
     assert "certificate verify failed" in lines[0]
 
-    check = _relay(["check"], settings, tmp_path)
-    assert check.returncode == 3, check.stdout + check.stderr
-    assert "Traceback" not in check.stderr
-    database_lines = [line for line in check.stdout.splitlines() if " database: " in line]
-    assert len(database_lines) == 1, check.stdout
-    assert database_lines[0].startswith("FAIL database: cannot connect: OperationalError: (2026")
-    assert "certificate verify failed" in database_lines[0]
+    line, _ = _check_fails_once(settings, tmp_path, "database")
+    assert line.startswith("FAIL database: cannot connect: OperationalError: (2026")
+    assert "certificate verify failed" in line
 
 
 async def test_disabled_tls_is_refused_for_a_require_ssl_user(
@@ -377,6 +373,17 @@ def _refused(tls: Secured, what: str, other_ca: str) -> dict[str, Any]:
     return tls.scram(sasl_password=WRONG_PASSWORD)
 
 
+async def _stays_not_ready(relay: app.App, task: asyncio.Task[int], check: str, state: str) -> None:
+    """Until the readiness report says ``check: state``; two backoffs later the relay still runs."""
+
+    async def reported() -> bool:
+        return (await relay.readiness()).get(check) == state
+
+    await helpers.wait_until(reported, f"readiness to say {check}: {state}")
+    await asyncio.sleep(2 * relay.settings.worker.backoff_max_s)
+    assert not task.done()
+
+
 @pytest.mark.parametrize("what", list(REFUSALS))
 async def test_refused_kafka_is_reported_and_the_relay_stays_up(
     tls: Secured, tmp_path: Path, what: str
@@ -394,24 +401,14 @@ async def test_refused_kafka_is_reported_and_the_relay_stays_up(
     assert WRONG_PASSWORD not in problem
 
     # `relay check`: one FAIL line for Kafka, exit 3, no traceback, no password
-    check = _relay(["check"], settings, tmp_path)
-    assert check.returncode == 3, check.stdout + check.stderr
-    assert "Traceback" not in check.stderr
-    kafka_lines = [line for line in check.stdout.splitlines() if " kafka: " in line]
-    assert len(kafka_lines) == 1, check.stdout
-    assert kafka_lines[0].startswith("FAIL kafka: cannot connect: ")
-    assert REFUSALS[what] in kafka_lines[0]  # the cause, not only "Unable to bootstrap"
-    assert WRONG_PASSWORD not in check.stdout + check.stderr
+    line, output = _check_fails_once(settings, tmp_path, "kafka")
+    assert line.startswith("FAIL kafka: cannot connect: ")
+    assert REFUSALS[what] in line  # the cause, not only "Unable to bootstrap"
+    assert WRONG_PASSWORD not in output
 
     # `relay run`: not ready, naming Kafka; retries with backoff, never exits
     async with helpers.running(settings) as (relay, task):
-
-        async def kafka_not_ready() -> bool:
-            return (await relay.readiness()).get("kafka") == "not_connected"
-
-        await helpers.wait_until(kafka_not_ready, "readiness to name Kafka")
-        await asyncio.sleep(2 * settings.worker.backoff_max_s)
-        assert not task.done()
+        await _stays_not_ready(relay, task, "kafka", "not_connected")
         assert (await relay.readiness()).get("kafka") == "not_connected"
         assert not relay.publisher.started
     assert task.result() == 0  # stopped on request
@@ -423,11 +420,5 @@ async def test_wrong_database_ca_keeps_the_relay_up_and_not_ready(
     other_ca = secure_servers.make_other_ca(tmp_path)
     settings = tls.settings(db={**tls_user, "ssl_mode": "verify_identity", "ssl_ca": other_ca})
     async with helpers.running(settings) as (relay, task):
-
-        async def database_not_ready() -> bool:
-            return (await relay.readiness()).get("startup") == "database_unreachable"
-
-        await helpers.wait_until(database_not_ready, "readiness to name the database")
-        await asyncio.sleep(2 * settings.worker.backoff_max_s)
-        assert not task.done()
+        await _stays_not_ready(relay, task, "startup", "database_unreachable")
     assert task.result() == 0
