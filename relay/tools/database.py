@@ -31,6 +31,7 @@ async def _server_connection(settings: config.Settings) -> Any:
         autocommit=True,
         connect_timeout=d.connect_timeout_s,
         charset="utf8mb4",
+        ssl=db.ssl_context(d),  # RELAY_DB__SSL_* as the relay uses them
     )
 
 
