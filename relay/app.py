@@ -139,34 +139,34 @@ class App:
 
         An unreachable database is retried (it may be starting) until a stop is requested.
         """
-        backoff = self._backoff()
-        while not self.stop.is_set():
-            try:
-                await (self._deps.verify or functools.partial(preflight.verify, self.settings))()
-            except errors.MissingError as exc:
-                log.error("database_not_ready_for_relay", problem=str(exc))  # noqa: TRY400 - expected
-                return errors.ExitCode.MISSING
-            except Exception as exc:
-                if errors.classify(exc) is errors.Kind.BUG:
-                    raise
-                self._startup_problem = "database_unreachable"
-                log.warning("database_check_failed", error=errors.one_line(exc))
-                await pacing.sleep_unless(self.stop, backoff.next_delay_s())
-            else:
+        verify = self._deps.verify or functools.partial(preflight.verify, self.settings)
+        try:
+            if await self._keep_trying(verify, "database_check_failed", "database_unreachable"):
                 self._startup_problem = ""
-                return 0
+        except errors.MissingError as exc:
+            log.error("database_not_ready_for_relay", problem=str(exc))  # noqa: TRY400 - expected
+            return errors.ExitCode.MISSING
         return 0
 
     async def _connect_kafka(self) -> bool:
         """Start the producer, retrying until it works or a stop is requested."""
+        return await self._keep_trying(self.publisher.start, "kafka_connect_failed")
+
+    async def _keep_trying(
+        self, step: Callable[[], Awaitable[None]], failed_event: str, problem: str = ""
+    ) -> bool:
+        """Run ``step`` until it works (True) or a stop is requested (False). A passing or
+        operational failure is logged and retried with backoff (and ``problem`` reported by
+        /readyz meanwhile); anything else, a bug or an expected RelayError, propagates."""
         backoff = self._backoff()
         while not self.stop.is_set():
             try:
-                await self.publisher.start()
+                await step()
             except Exception as exc:
                 if errors.classify(exc) is errors.Kind.BUG:
                     raise
-                log.warning("kafka_connect_failed", error=errors.one_line(exc))
+                self._startup_problem = problem or self._startup_problem
+                log.warning(failed_event, error=errors.one_line(exc))
                 await pacing.sleep_unless(self.stop, backoff.next_delay_s())
             else:
                 return True

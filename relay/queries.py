@@ -62,6 +62,13 @@ def union_all(sql: str, key: str, count: int) -> str:
     return "\nUNION ALL\n".join(sql.replace(f"%({key})s", f"%({key}__{i})s") for i in range(count))
 
 
+@functools.lru_cache(maxsize=256)
+def nest(sql: str, token: str, inner: str) -> str:
+    """``sql`` with the placeholder ``token`` (e.g. ``{candidates}``) replaced by ``inner``,
+    another statement of ours; built once per shape."""
+    return sql.replace(token, inner)
+
+
 def bind(sql: str, params: Mapping[str, object]) -> tuple[str, dict[str, object]]:
     """Expand list parameters (``IN %(ids)s``) into one placeholder per item.
 

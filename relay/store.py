@@ -287,7 +287,7 @@ class Store:
         ``max_bytes`` of JSON and payload (the oldest row always, alone if needed)."""
         per_shard = -(-limit // len(shards))
         heads = queries.union_all(self.sql["claim_shard_heads"], "shard", len(shards))
-        sql = self.sql["claim_rows"].replace("{candidates}", heads)
+        sql = queries.nest(self.sql["claim_rows"], "{candidates}", heads)
         params: dict[str, object] = {f"shard__{i}": s for i, s in enumerate(shards)}
         params["limit"] = per_shard
         params["max_bytes"] = max_bytes

@@ -336,6 +336,13 @@ class Worker:
             await s.park(conn, plan.parked)
         if plan.retried:
             await s.note_attempt(conn, [row_id for row_id, _ in plan.retried], plan.retried[0][1])
+        if plan.holds or self._holds:  # the common case: no hold involved
+            await self._record_holds(conn, plan)
+
+    async def _record_holds(self, conn: db.Connection, plan: ordering.Plan) -> None:
+        """New or renewed holds; timed holds on trial whose rows went through end; the shard
+        rows recount their holds."""
+        s = self._store
         holds = {h.key: h for h in self._holds}
         changed: set[int] = set()
         for new in plan.holds:
@@ -352,11 +359,9 @@ class Worker:
                 exists=old is not None,
             )
             changed.add(new.shard)
-        # a timed hold on trial whose rows went through is over
-        renewed = {h.key for h in plan.holds}
-        flowed = {r.aggregate for r in plan.published}
+        over = {r.aggregate for r in plan.published} - {h.key for h in plan.holds}
         for hold in self._holds:
-            if hold.kind == "timed" and (hold.open or hold.due) and hold.key in flowed - renewed:
+            if hold.kind == "timed" and (hold.open or hold.due) and hold.key in over:
                 await s.delete_hold(conn, hold.key, hold.shard)
                 changed.add(hold.shard)
         for shard in sorted(changed):
