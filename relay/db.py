@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
@@ -38,7 +39,17 @@ async def connect(
         tls_required=db.ssl_mode not in ("disabled", "preferred"),
     )
     try:
-        await conn._connect()  # what aiomysql.connect does, with the class above
+        # The whole of it (TCP, TLS handshake, login) within the connect timeout: aiomysql
+        # bounds only the TCP connect, and asyncio the TLS handshake at 60 s.
+        async with asyncio.timeout(db.connect_timeout_s):
+            await conn._connect()  # what aiomysql.connect does, with the class above
+    except TimeoutError:
+        conn.close()
+        raise pymysql.err.OperationalError(
+            CR_CONN_HOST_ERROR,
+            f"connecting to {db.host}:{db.port} took over RELAY_DB__CONNECT_TIMEOUT_S"
+            f" ({db.connect_timeout_s} s) (TCP, TLS handshake or login)",
+        ) from None
     except pymysql.err.OperationalError as exc:
         if isinstance(exc.__cause__, ssl.SSLError):  # aiomysql says only "Can't connect"
             raise pymysql.err.OperationalError(
@@ -57,6 +68,8 @@ async def connect(
     return conn
 
 
+# The MySQL client's "Can't connect to MySQL server" (CR_CONN_HOST_ERROR).
+CR_CONN_HOST_ERROR = 2003
 # The MySQL client's "SSL connection error" (CR_SSL_CONNECTION_ERROR): TLS failed while
 # connecting. Like any failure to connect it is retried by `relay run` (one-shot commands exit 3).
 CR_SSL_CONNECTION_ERROR = 2026

@@ -49,6 +49,13 @@ class Plan:
     untouched: list[int] = dataclasses.field(default_factory=list)
 
     @property
+    def only_published(self) -> bool:
+        """Whether recording the plan is marking rows published and nothing else."""
+        return bool(self.published) and not (
+            self.failed or self.holds or self.parked or self.retried
+        )
+
+    @property
     def broken(self) -> bool:
         """Whether some row was left for a later cycle by a passing failure."""
         return bool(self.retried) or bool(self.untouched)

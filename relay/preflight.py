@@ -19,12 +19,16 @@ class Result:
     ok: bool
     detail: str
     warn: bool = False  # ok, but worth a look (printed as "warn")
+    config: bool = False  # failed on a setting (a certificate file that cannot be loaded)
 
     @property
     def exit_code(self) -> int:
-        """What a failed check means in the error table: missing (4) or unavailable (3)."""
+        """What a failed check means in the error table: a bad setting (78), missing (4) or
+        unavailable (3)."""
         if self.ok:
             return errors.ExitCode.OK
+        if self.config:
+            return errors.ExitCode.CONFIG
         if self.name in ("schema", "grants"):
             return errors.ExitCode.MISSING
         return errors.ExitCode.UNAVAILABLE
@@ -52,8 +56,11 @@ async def run(settings: config.Settings) -> list[Result]:
     except Exception as exc:
         if errors.classify(exc) is errors.Kind.BUG:
             raise
-        what = "lost during the checks" if results else "cannot connect"
-        results.append(Result("database", False, f"{what}: {errors.one_line(exc)}"))
+        if isinstance(exc, errors.ConfigError):
+            results.append(Result("database", False, str(exc), config=True))
+        else:
+            what = "lost during the checks" if results else "cannot connect"
+            results.append(Result("database", False, f"{what}: {errors.one_line(exc)}"))
     results += await _kafka(settings, routes)
     return results
 
@@ -133,8 +140,8 @@ async def grant_problems(s: store.Store, conn: db.Connection) -> list[str]:
     """
     key = ("\x00relay-check", "\x00")
     steps = [
-        ("SELECT on the outbox and shard tables", s.ready_shards(conn)),
-        ("locking read (SELECT ... FOR UPDATE) on the shard table", s.lock_shards(conn, [0], 1)),
+        ("locking read (SELECT ... FOR UPDATE) on the shard table, reading the outbox and"
+         " hold tables", s.claim_shards(conn, 0, 1)),
         ("SELECT on the hold table", s.holds_of(conn, {key})),
         ("UPDATE on the outbox table", s.mark_published(conn, [0])),
         ("INSERT on the hold table", s.add_hold(
@@ -187,6 +194,8 @@ async def _kafka(
             await pub.start()
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         await pub.stop()
+        if isinstance(exc, errors.ConfigError):
+            return [Result("kafka", False, str(exc), config=True)]
         return [Result("kafka", False, f"cannot connect: {await _kafka_cause(settings, exc)}")]
     try:
         results = [Result("kafka", True, f"connected to {settings.kafka.bootstrap_servers}")]

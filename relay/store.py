@@ -90,10 +90,7 @@ class HoldInfo:
 class Claiming(Protocol):
     """What a worker needs of the store (the real one, or an in-memory fake in unit tests)."""
 
-    async def ready_shards(self, conn: Connection) -> list[int]: ...
-    async def lock_shards(
-        self, conn: Connection, ready: Sequence[int], limit: int
-    ) -> dict[int, int]: ...
+    async def claim_shards(self, conn: Connection, start: int, limit: int) -> dict[int, int]: ...
     async def due_holds(self, conn: Connection, shards: Sequence[int]) -> list[Hold]: ...
     async def holds_of(
         self, conn: Connection, aggregates: Collection[envelope.AggregateKey]
@@ -119,7 +116,9 @@ class Claiming(Protocol):
         self, conn: Connection, key: envelope.AggregateKey, shard: int
     ) -> None: ...
     async def count_holds(self, conn: Connection, shard: int) -> None: ...
-    async def mark_published(self, conn: Connection, ids: Sequence[int]) -> int: ...
+    async def mark_published(
+        self, conn: Connection, ids: Sequence[int], *, commit: bool = False
+    ) -> int: ...
     async def mark_failed(self, conn: Connection, row_id: int, error: str) -> None: ...
     async def note_attempt(self, conn: Connection, ids: Sequence[int], error: str) -> None: ...
 
@@ -245,6 +244,19 @@ class Store:
         rows = await self._rows(conn, "ready_shards", {})
         return list(dict.fromkeys(shard for shard, _head in sorted(rows, key=lambda r: r[1])))
 
+    async def claim_shards(self, conn: Connection, start: int, limit: int) -> dict[int, int]:
+        """Find and lock, in one statement, up to ``limit`` shards that have new rows or a due
+        timed hold, skipping those another worker owns: from shard ``start`` up, then wrapping
+        around to the shards below it (a second statement, only when the first came back
+        short). Returns {shard: number of held aggregates} in claim order.
+        """
+        params: dict[str, object] = {"low": start, "high": SHARDS, "limit": limit}
+        owned = {r[0]: int(r[1]) for r in await self._rows(conn, "claim_shards", params)}
+        if start > 0 and len(owned) < limit:
+            params = {"low": 0, "high": start, "limit": limit - len(owned)}
+            owned.update((r[0], int(r[1])) for r in await self._rows(conn, "claim_shards", params))
+        return owned
+
     async def lock_shards(
         self, conn: Connection, ready: Sequence[int], limit: int
     ) -> dict[int, int]:
@@ -346,7 +358,12 @@ class Store:
         params = {**_key_params(key), "shard": shard}
         await self._execute(conn, "unpark_aggregate", params)
 
-    async def mark_published(self, conn: Connection, ids: Sequence[int]) -> int:
+    async def mark_published(
+        self, conn: Connection, ids: Sequence[int], *, commit: bool = False
+    ) -> int:
+        """Mark rows published; with ``commit``, commit in the same round trip."""
+        if commit:
+            return await self._execute(conn, "mark_published_commit", {"ids": tuple(ids)})
         return await self._execute(conn, "mark_published", {"ids": tuple(ids)})
 
     async def mark_failed(self, conn: Connection, row_id: int, error: str) -> None:

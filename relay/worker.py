@@ -2,16 +2,20 @@
 
 One cycle is one READ COMMITTED transaction:
 
-1. find the shards that have new rows (64 index dives, whatever the table holds);
-2. lock up to ``shards_per_claim`` of them with ``FOR UPDATE SKIP LOCKED`` on the shard rows:
-   while a worker holds a shard, no other worker in any process can publish its rows, so the
-   events of one aggregate (always in the same shard) are published in outbox order;
-3. if an owned shard has held aggregates (the shard row counts them): open the timed holds
+1. find and lock, in one statement, up to ``shards_per_claim`` shards that have new rows (an
+   index dive per shard, whatever the table holds) with ``FOR UPDATE SKIP LOCKED`` on the
+   shard rows: while a worker holds a shard, no other worker in any process can publish its
+   rows, so the events of one aggregate (always in the same shard) are published in outbox
+   order. After a full claim the next one starts past the last shard taken, so under load
+   every shard gets its turn;
+2. if an owned shard has held aggregates (the shard row counts them): open the timed holds
    whose retry time has come, and set the rows of the others aside (status ``held``);
-4. read the oldest new rows of each owned shard: ``batch_size`` rows shared out between them
+3. read the oldest new rows of each owned shard: ``batch_size`` rows shared out between them
    and at most ``batch_max_bytes`` of JSON and payload (the oldest row always fits);
-5. publish them with the idempotent producer, bounded by ``publish_timeout_s``;
-6. record the outcome by the ordering rule (:mod:`relay.ordering`) and commit: once a record of
+4. publish them with the idempotent producer, bounded by ``publish_timeout_s``;
+5. record the outcome by the ordering rule (:mod:`relay.ordering`) and commit (in the common
+   case, all published and no hold involved, the mark and the COMMIT are one round trip, so a
+   busy cycle is three round trips to the database): once a record of
    an aggregate fails to be enqueued or acknowledged, no later record of that aggregate is
    marked published, and nothing is enqueued after an enqueue failure; what was not sent stays
    new with no attempt counted.
@@ -82,6 +86,7 @@ class Worker:
         self._waker = waker
         self._conn: db.Connection | None = None
         self._holds: list[store.Hold] = []  # of the shards owned in the current cycle
+        self._start = 0  # the shard the next claim looks at first
         self._mark_failed = False  # the last mark step failed: probe it before publishing
         self._log = log.bind(worker=name)
         self.published = 0
@@ -205,12 +210,15 @@ class Worker:
         Returns the rows to publish and the number of rows parked.
         """
         self._holds = []
-        ready = await self._store.ready_shards(conn)
-        if not ready:
-            return [], 0
-        owned = await self._store.lock_shards(conn, ready, self._worker.shards_per_claim)
-        if len(owned) == self._worker.shards_per_claim and len(ready) > len(owned):
-            self._waker.notify()  # more shards have work than this worker took
+        limit = self._worker.shards_per_claim
+        owned = await self._store.claim_shards(conn, self._start, limit)
+        if len(owned) == limit:
+            # Maybe more shards have work than this worker took: wake another worker, and
+            # start the next claim past the last shard taken (none waits behind busy ones).
+            self._start = (list(owned)[-1] + 1) % store.SHARDS
+            self._waker.notify()
+        else:
+            self._start = 0  # every shard with work that nobody owned was taken
         if not owned:
             return [], 0
         held = [shard for shard, holds in owned.items() if holds]
@@ -289,8 +297,12 @@ class Worker:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._call_timeout_s):
-                await self._record(conn, plan)
-                await conn.commit()
+                if plan.only_published and not self._holds:
+                    ids = [r.id for r in plan.published]
+                    await self._store.mark_published(conn, ids, commit=True)
+                else:
+                    await self._record(conn, plan)
+                    await conn.commit()
         except BaseException as exc:
             await self._rollback()
             if isinstance(exc, Exception) and errors.classify(exc) is not errors.Kind.BUG:

@@ -46,6 +46,25 @@ ORDER BY shard
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
 
+-- name: claim_shards
+-- Find and own shards in one statement: up to %(limit)s shards of [%(low)s, %(high)s) that
+-- have new rows (one ix_claim dive each, like ready_shards) or a due timed hold (looked up only
+-- when the shard counts holds), skipping those another worker owns. Primary-key order with
+-- LIMIT, READ COMMITTED: only the returned rows stay locked (rows the WHERE rejects are
+-- released at once), and the subqueries are plain reads that lock nothing. holds > 0: the
+-- shard has held aggregates, whose rows the claim must set aside.
+SELECT s.shard, s.holds FROM {outbox_shard} AS s
+WHERE s.shard >= %(low)s AND s.shard < %(high)s
+  AND ((SELECT o.id FROM {outbox} AS o WHERE o.status = 'new' AND o.shard = s.shard
+        ORDER BY o.id LIMIT 1) IS NOT NULL
+       OR (s.holds > 0
+           AND (SELECT h.shard FROM {outbox_hold} AS h
+                WHERE h.shard = s.shard AND h.retry_at <= CURRENT_TIMESTAMP(6)
+                LIMIT 1) IS NOT NULL))
+ORDER BY s.shard
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+
 -- name: claim_shard_heads
 -- One owned shard's oldest new rows, in id order, with their size: a ref on ix_claim
 -- (status, shard) read in index order, so it touches exactly the rows it returns. No FOR UPDATE:
@@ -138,6 +157,15 @@ UPDATE {outbox}
 SET status = 'published', published_at = CURRENT_TIMESTAMP(6), attempts = attempts + 1,
     last_error = NULL
 WHERE id IN %(ids)s AND status = 'new'
+
+-- name: mark_published_commit
+-- The same and the COMMIT that ends the cycle, in one round trip (the common cycle: every row
+-- published, no hold involved). The driver reads both results; a failed COMMIT raises.
+UPDATE {outbox}
+SET status = 'published', published_at = CURRENT_TIMESTAMP(6), attempts = attempts + 1,
+    last_error = NULL
+WHERE id IN %(ids)s AND status = 'new';
+COMMIT
 
 -- name: mark_failed
 -- A poison row: it can never be published as it is; `relay replay` puts it back.

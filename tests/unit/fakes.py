@@ -64,6 +64,7 @@ class FakeStore:
         self.commit_gate: asyncio.Event | None = None  # commits wait for it when set
         self.commit_waiting = asyncio.Event()  # set while a commit waits for the gate
         self.commits = 0
+        self.combined_commits = 0  # commits sent with the mark, in one round trip
         self._undo: dict[FakeConnection, list[Callable[[], None]]] = {}
         self._next_id = 1
 
@@ -148,26 +149,19 @@ class FakeStore:
 
     # -- store.Claiming ----------------------------------------------------------------------
 
-    async def ready_shards(self, conn: FakeConnection) -> list[int]:
-        self._check("ready_shards")
-        heads: dict[int, int] = {}
-        for row_id, r in sorted(self.rows.items()):
-            if r.status == "new":
-                heads.setdefault(r.row.shard, row_id)
-        for h in self.hold_rows.values():
-            if h["retry_at"] is not None and h["retry_at"] <= self.now:
-                heads[h["shard"]] = 0
-        return sorted(heads, key=heads.__getitem__)
-
-    async def lock_shards(
-        self, conn: FakeConnection, ready: Sequence[int], limit: int
-    ) -> dict[int, int]:
-        self._check("lock_shards")
+    async def claim_shards(self, conn: FakeConnection, start: int, limit: int) -> dict[int, int]:
+        self._check("claim_shards")
+        ready = {r.row.shard for r in self.rows.values() if r.status == "new"}
+        ready.update(
+            h["shard"]
+            for h in self.hold_rows.values()
+            if h["retry_at"] is not None and h["retry_at"] <= self.now
+        )
         owned: dict[int, int] = {}
-        for shard in ready:
+        for shard in [*range(start, store.SHARDS), *range(start)]:
             if len(owned) == limit:
                 break
-            if self.locks.get(shard, conn) is conn:
+            if shard in ready and self.locks.get(shard, conn) is conn:
                 self.locks[shard] = conn
                 owned[shard] = sum(1 for h in self.hold_rows.values() if h["shard"] == shard)
         return owned
@@ -281,7 +275,9 @@ class FakeStore:
     async def count_holds(self, conn: FakeConnection, shard: int) -> None:
         self._check("count_holds")
 
-    async def mark_published(self, conn: FakeConnection, ids: Sequence[int]) -> int:
+    async def mark_published(
+        self, conn: FakeConnection, ids: Sequence[int], *, commit: bool = False
+    ) -> int:
         self._check("mark_published")
         changed = 0
         for row_id in ids:
@@ -290,6 +286,9 @@ class FakeStore:
                 self._set_status(conn, row, "published")
                 row.attempts += 1
                 changed += 1
+        if commit:
+            self.combined_commits += 1
+            await self.commit(conn)
         return changed
 
     async def mark_failed(self, conn: FakeConnection, row_id: int, error: str) -> None:

@@ -108,7 +108,7 @@ async def test_shutdown_deadline_cancels_a_stuck_publish_and_rolls_back() -> Non
 async def test_not_ready_after_consecutive_failed_cycles() -> None:
     store = fakes.FakeStore()
     store.insert("a")
-    store.fail["ready_shards"] = ConnectionResetError("database went away")
+    store.fail["claim_shards"] = ConnectionResetError("database went away")
     relay, _ = _app(store, _settings(unready_after_failed_cycles=3))
     task = asyncio.create_task(relay.run())
     try:

@@ -17,6 +17,7 @@ QUERY_NAMES = {
     "session_wait_timeout",
     "ready_shards",
     "lock_shards",
+    "claim_shards",
     "claim_shard_heads",
     "claim_rows",
     "due_holds",
@@ -29,6 +30,7 @@ QUERY_NAMES = {
     "delete_hold",
     "count_shard_holds",
     "mark_published",
+    "mark_published_commit",
     "mark_failed",
     "note_attempt",
     "backlog_count",
@@ -90,6 +92,8 @@ def test_statements_are_clean_single_statements() -> None:
         for name, sql in queries.load(filename, "outbox").statements.items():
             assert sql, name
             assert not sql.rstrip().endswith(";"), name
+            # one statement each; the one exception is the mark sent with its COMMIT
+            assert ";" not in sql or name == "mark_published_commit", name
             assert "{outbox" not in sql, name
             assert "{candidates}" not in sql or name == "claim_rows", name
             assert not any(line.lstrip().startswith("--") for line in sql.splitlines()), name
@@ -98,7 +102,7 @@ def test_statements_are_clean_single_statements() -> None:
 def test_table_names_are_quoted_and_substituted() -> None:
     q = queries.load("queries.sql", "events_v2")
     assert "FROM `events_v2`" in q["claim_shard_heads"]
-    assert "FROM `events_v2_shard`" in q["lock_shards"]
+    assert "FROM `events_v2_shard`" in q["claim_shards"]
     assert "FROM `events_v2_hold`" in q["holds_of"]
     assert "FROM `events_v2_meta`" in q["schema_version"]
     assert "`outbox`" not in q["claim_shard_heads"]
@@ -114,8 +118,11 @@ def test_parameters_of_claim_and_mark() -> None:
     # the shard lock makes the worker the only claimer: the row read must not lock (or walk)
     # rows of other shards
     assert "FOR UPDATE" not in q["claim_shard_heads"] + q["claim_rows"]
-    assert "FOR UPDATE SKIP LOCKED" in q["lock_shards"]
+    assert q["claim_shards"].endswith("ORDER BY s.shard\nLIMIT %(limit)s\nFOR UPDATE SKIP LOCKED")
+    assert set(re.findall(r"%\((\w+)\)s", q["claim_shards"])) == {"low", "high", "limit"}
     assert set(re.findall(r"%\((\w+)\)s", q["mark_published"])) == {"ids"}
+    # the combined mark is the plain mark followed by the COMMIT, nothing else
+    assert q["mark_published_commit"] == q["mark_published"] + ";\nCOMMIT"
     assert "status = %(status)s" in q["delete_ids"]
 
 

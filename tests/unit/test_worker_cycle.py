@@ -54,6 +54,36 @@ async def test_cycle_publishes_in_id_order_and_commits() -> None:
     assert store.locks == {}  # the commit released the shards
 
 
+async def test_mark_and_commit_share_a_round_trip_only_when_nothing_else_is_recorded() -> None:
+    store, pub = fakes.FakeStore(), fakes.FakePublisher()
+    w = _worker(store, pub)
+    store.insert("a")
+    await w.cycle()
+    assert (store.commits, store.combined_commits) == (1, 1)  # all published: one round trip
+    poison = store.insert("b", after_state="{not json")
+    store.insert("c")
+    await w.cycle()
+    # a failed row and a new hold are recorded too: the COMMIT is a statement of its own
+    assert (store.commits, store.combined_commits) == (2, 1)
+    assert store.status(poison.id) == "failed"
+
+
+async def test_full_claims_rotate_so_no_shard_waits_behind_busy_ones() -> None:
+    store, pub = fakes.FakeStore(), fakes.FakePublisher()
+    aggregates = {fakes.shard_of(f"k{i}"): f"k{i}" for i in range(400)}
+    shards = sorted(aggregates)[:6]
+    w = _worker(store, pub, _settings(shards_per_claim=2))
+    taken: list[list[int]] = []
+    for _ in range(4):
+        for shard in shards:  # every shard always has new rows: a sustained overload
+            store.insert(aggregates[shard])
+        sent = len(pub.log)
+        await w.cycle()
+        taken.append(sorted({store.rows[r.row_id].row.shard for r in pub.log[sent:]}))
+    # shards in turn, wrapping around; without the rotation the first two would always win
+    assert taken == [shards[0:2], shards[2:4], shards[4:6], shards[0:2]]
+
+
 async def test_timeout_of_one_record_leaves_its_later_records_new() -> None:
     store, pub = fakes.FakeStore(), fakes.FakePublisher()
     a1, b1, a2, a3 = (store.insert(agg) for agg in ("a", "b", "a", "a"))
