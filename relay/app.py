@@ -23,12 +23,14 @@ from relay import (
     backlog,
     cleaner,
     config,
+    db,
     errors,
     http,
     metrics,
     pacing,
     preflight,
     publisher,
+    store,
     wakeup,
     worker,
 )
@@ -59,6 +61,11 @@ class App:
         self.heartbeat = http.Heartbeat()
         self.http_server = http.ProbeServer(settings.http, self.heartbeat, self.readiness)
         self.wakeup = wakeup.Listener(settings.wakeup, self.waker)
+        # one idle look per process, on its own autocommit connection
+        self.probe = worker.Probe(
+            deps.store or store.Store(settings.outbox.table, settings.db.call_timeout_s),
+            deps.connect or (lambda: db.connect(settings)),
+        )
         self.workers = [
             worker.Worker(
                 f"worker-{i}",
@@ -68,6 +75,7 @@ class App:
                 self.waker,
                 store_=deps.store,
                 connect=deps.connect,
+                probe=self.probe,
             )
             for i in range(settings.worker.count)
         ]
@@ -235,6 +243,7 @@ class App:
                 log.warning("task_cancelled_at_deadline", task=task.get_name())
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        self.probe.close()
         try:
             async with asyncio.timeout(deadline):
                 await self.publisher.stop()

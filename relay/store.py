@@ -90,6 +90,7 @@ class HoldInfo:
 class Claiming(Protocol):
     """What a worker needs of the store (the real one, or an in-memory fake in unit tests)."""
 
+    async def has_work(self, conn: Connection) -> bool: ...
     async def claim_shards(self, conn: Connection, start: int, limit: int) -> dict[int, int]: ...
     async def due_holds(self, conn: Connection, shards: Sequence[int]) -> list[Hold]: ...
     async def holds_of(
@@ -243,6 +244,10 @@ class Store:
         """Shards with new rows (the one with the oldest head first) or a due timed hold."""
         rows = await self._rows(conn, "ready_shards", {})
         return list(dict.fromkeys(shard for shard, _head in sorted(rows, key=lambda r: r[1])))
+
+    async def has_work(self, conn: Connection) -> bool:
+        """Whether a row is new or a timed hold is due (for an autocommit connection)."""
+        return bool(await self._scalar(conn, "has_work", {}))
 
     async def claim_shards(self, conn: Connection, start: int, limit: int) -> dict[int, int]:
         """Find and lock, in one statement, up to ``limit`` shards that have new rows or a due

@@ -27,7 +27,8 @@ mark step failed, each cycle first proves that marking works (an UPDATE matching
 it publishes again, so a revoked grant does not republish the batch at every retry. A bug
 propagates: the daemon stops with exit code 1. Pacing: after a claim the worker looks again
 after ``claim_linger_s``; when idle it waits for a wake-up or a poll tick, which starts at
-``poll_min_interval_s`` after activity and doubles up to ``poll_interval_s``. Shutdown is an
+``poll_min_interval_s`` after activity and doubles up to ``poll_interval_s``; at a tick one
+cheap statement (:class:`Probe`) decides whether a cycle is worth running. Shutdown is an
 event: the cycle in flight ends normally; the mark-and-commit step is never interrupted by a
 cancellation.
 """
@@ -51,6 +52,38 @@ LOG_EVERY_S = 10.0
 Connect = Callable[[], Awaitable[db.Connection]]
 
 
+class Probe:
+    """The idle look of a process: whether there is any work at all, in one cheap statement on
+    an autocommit connection (no transaction: an idle relay keeps no lock between looks).
+
+    Shared by the workers of a process; only the poller of :class:`relay.pacing.Waker` (one
+    worker at a time) looks, and a lock guards the connection all the same. A look that fails
+    answers "maybe": the full cycle that follows meets the failure and backs off as usual.
+    """
+
+    def __init__(self, store_: store.Claiming, connect: Connect) -> None:
+        self._store = store_
+        self._connect = connect
+        self._conn: db.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def has_work(self) -> bool:
+        async with self._lock:
+            try:
+                if self._conn is None:
+                    self._conn = await self._connect()
+                return await self._store.has_work(self._conn)
+            except Exception as exc:
+                if errors.classify(exc) is errors.Kind.BUG:
+                    raise
+                self.close()
+                return True
+
+    def close(self) -> None:
+        db.close(self._conn)
+        self._conn = None
+
+
 class CycleFailedError(Exception):
     """The cycle was rolled back for a passing or operational reason; rows stay new."""
 
@@ -70,6 +103,7 @@ class Worker:
         *,
         store_: store.Claiming | None = None,
         connect: Connect | None = None,
+        probe: Probe | None = None,
     ) -> None:
         self.name = name
         self._settings = settings
@@ -80,6 +114,8 @@ class Worker:
         )
         self._call_timeout_s = settings.db.call_timeout_s
         self._connect = connect or (lambda: db.connect(settings, autocommit=False))
+        self._own_probe = probe is None
+        self._probe = probe or Probe(self._store, connect or (lambda: db.connect(settings)))
         self._publisher = publisher_
         self._formatter = envelope.Formatter.from_settings(settings)
         self._stop = stop
@@ -124,11 +160,14 @@ class Worker:
                     self._succeeded()
                     backoff.reset()
                     if not claimed:
-                        # Idle: wait for a wake-up or a poll tick; right after activity the
-                        # ticks are short (rows often come in bursts), doubling up to the
-                        # poll interval over empty looks.
-                        await self._waker.wait(idle_s)
-                        idle_s = min(idle_s * 2, self._worker.poll_interval_s)
+                        # Idle: wait for a wake-up, or look (the probe) at each poll tick;
+                        # right after activity the ticks are short (rows often come in
+                        # bursts), doubling up to the poll interval over empty looks.
+                        while not self._stop.is_set():
+                            notified = await self._waker.wait(idle_s)
+                            idle_s = min(idle_s * 2, self._worker.poll_interval_s)
+                            if notified or self._stop.is_set() or await self._probe.has_work():
+                                break
                         continue
                     idle_s = min(self._worker.poll_min_interval_s, self._worker.poll_interval_s)
                     if claimed < self._worker.batch_size:
@@ -140,6 +179,8 @@ class Worker:
                 await pacing.sleep_unless(self._stop, backoff.next_delay_s())
         finally:
             self._disconnect()
+            if self._own_probe:
+                self._probe.close()
 
     def _failed(self, reason: str, message: str) -> None:
         self.failures += 1

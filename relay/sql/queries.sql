@@ -46,6 +46,13 @@ ORDER BY shard
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED
 
+-- name: has_work
+-- The idle look: whether any row is new or any timed hold is due. One ix_claim dive and one
+-- ix_hold_due dive, run in autocommit mode: no transaction, so an idle relay keeps no lock of
+-- any kind (not even a metadata lock) between looks.
+SELECT EXISTS (SELECT 1 FROM {outbox} WHERE status = 'new')
+       OR EXISTS (SELECT 1 FROM {outbox_hold} WHERE retry_at <= CURRENT_TIMESTAMP(6))
+
 -- name: claim_shards
 -- Find and own shards in one statement: up to %(limit)s shards of [%(low)s, %(high)s) that
 -- have new rows (one ix_claim dive each, like ready_shards) or a due timed hold (looked up only

@@ -49,6 +49,11 @@ async def test_readiness_names_kafka_when_unreachable(
     await helpers.migrate(settings)
     async with helpers.running(settings) as (relay, task):
         port = relay.http_server.port
+
+        async def database_checked() -> bool:
+            return "startup" not in await relay.readiness()
+
+        await helpers.wait_until(database_checked, "the start-up database check")
         status, body = await net.http_get(port, "/readyz")
         assert status == 503
         assert body == "kafka: not_connected\n"  # a reason code; the details are in the logs

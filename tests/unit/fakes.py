@@ -65,6 +65,8 @@ class FakeStore:
         self.commit_waiting = asyncio.Event()  # set while a commit waits for the gate
         self.commits = 0
         self.combined_commits = 0  # commits sent with the mark, in one round trip
+        self.looks = 0  # idle looks (has_work)
+        self.claims = 0  # full looks (claim_shards)
         self._undo: dict[FakeConnection, list[Callable[[], None]]] = {}
         self._next_id = 1
 
@@ -149,8 +151,16 @@ class FakeStore:
 
     # -- store.Claiming ----------------------------------------------------------------------
 
+    async def has_work(self, conn: FakeConnection) -> bool:
+        self._check("has_work")
+        self.looks += 1
+        return any(r.status == "new" for r in self.rows.values()) or any(
+            h["retry_at"] is not None and h["retry_at"] <= self.now for h in self.hold_rows.values()
+        )
+
     async def claim_shards(self, conn: FakeConnection, start: int, limit: int) -> dict[int, int]:
         self._check("claim_shards")
+        self.claims += 1
         ready = {r.row.shard for r in self.rows.values() if r.status == "new"}
         ready.update(
             h["shard"]

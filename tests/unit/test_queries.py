@@ -18,6 +18,7 @@ QUERY_NAMES = {
     "ready_shards",
     "lock_shards",
     "claim_shards",
+    "has_work",
     "claim_shard_heads",
     "claim_rows",
     "due_holds",

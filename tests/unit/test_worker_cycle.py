@@ -320,3 +320,23 @@ async def test_idle_ticks_start_short_after_activity_and_double_to_the_poll_inte
         await w.run()
     assert waker.timeouts == [0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.1]
     assert store.status(1) == "published"
+    # each tick but the last (stopped) was one cheap look, and none found work: the cycle after
+    # the claim was the only full look
+    assert (store.looks, store.claims) == (6, 2)
+
+
+async def test_an_idle_look_that_finds_a_new_row_runs_a_cycle() -> None:
+    store, pub = fakes.FakeStore(), fakes.FakePublisher()
+    stop = asyncio.Event()
+    settings = _settings(poll_min_interval_s=0.001, poll_interval_s=0.002, claim_linger_s=0.0)
+    w = worker.Worker(
+        "w", settings, pub, stop, pacing.Waker(), store_=store, connect=store.aconnect
+    )
+    running = asyncio.create_task(w.run())
+    await _until(lambda: store.looks >= 3, "idle looks")
+    assert store.claims == 1  # looks that found nothing ran no cycle
+    row = store.insert("a")
+    await _until(lambda: store.status(row.id) == "published", "the row published")
+    stop.set()
+    await running
+    assert store.claims >= 2
