@@ -62,6 +62,32 @@ async def periodic(
         await sleep_unless(stop, max(0.0, interval_s - (time.monotonic() - started)))
 
 
+class IdleTicks:
+    """The poll ticks of an idle worker: right after activity, short ticks (``min_s``) for
+    about ``max_s`` (rows often come in bursts, or at a low steady rate), then doubling up to
+    ``max_s`` over the empty looks that follow (an idle relay costs little)."""
+
+    def __init__(self, min_s: float, max_s: float) -> None:
+        self._min_s = min(min_s, max_s)
+        self._max_s = max_s
+        self._short = max(1, round(max_s / self._min_s))  # short ticks after activity
+        self._looks = self._short
+        self._tick_s = max_s
+
+    def active(self) -> None:
+        """Rows were claimed: the next ticks are short again."""
+        self._looks = 0
+        self._tick_s = self._min_s
+
+    def next_s(self) -> float:
+        """The next tick; each call counts one empty look."""
+        tick_s = self._tick_s
+        self._looks += 1
+        if self._looks >= self._short:
+            self._tick_s = min(self._tick_s * 2, self._max_s)
+        return tick_s
+
+
 class Waker:
     """Wakes one waiting worker at a time; a wake-up with nobody waiting is kept for the next.
 

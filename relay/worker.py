@@ -26,8 +26,9 @@ cycle back (rows stay new) and backs the worker off, up to ``backoff_max_s``; af
 mark step failed, each cycle first proves that marking works (an UPDATE matching no row) before
 it publishes again, so a revoked grant does not republish the batch at every retry. A bug
 propagates: the daemon stops with exit code 1. Pacing: after a claim the worker looks again
-after ``claim_linger_s``; when idle it waits for a wake-up or a poll tick, which starts at
-``poll_min_interval_s`` after activity and doubles up to ``poll_interval_s``; at a tick one
+after ``claim_linger_s``; when idle it waits for a wake-up or a poll tick
+(:class:`relay.pacing.IdleTicks`: ``poll_min_interval_s`` for about ``poll_interval_s`` after
+activity, then doubling up to ``poll_interval_s``); at a tick one
 cheap statement (:class:`Probe`) decides whether a cycle is worth running. Shutdown is an
 event: the cycle in flight ends normally; the mark-and-commit step is never interrupted by a
 cancellation.
@@ -139,7 +140,7 @@ class Worker:
     async def run(self) -> None:
         """Cycle until the stop event is set. Expected failures back off; a bug propagates."""
         backoff = pacing.Backoff(self._worker.backoff_initial_s, self._worker.backoff_max_s)
-        idle_s = self._worker.poll_interval_s
+        ticks = pacing.IdleTicks(self._worker.poll_min_interval_s, self._worker.poll_interval_s)
         try:
             while not self._stop.is_set():
                 try:
@@ -160,16 +161,13 @@ class Worker:
                     self._succeeded()
                     backoff.reset()
                     if not claimed:
-                        # Idle: wait for a wake-up, or look (the probe) at each poll tick;
-                        # right after activity the ticks are short (rows often come in
-                        # bursts), doubling up to the poll interval over empty looks.
+                        # Idle: wait for a wake-up, or look (the probe) at each poll tick.
                         while not self._stop.is_set():
-                            notified = await self._waker.wait(idle_s)
-                            idle_s = min(idle_s * 2, self._worker.poll_interval_s)
+                            notified = await self._waker.wait(ticks.next_s())
                             if notified or self._stop.is_set() or await self._probe.has_work():
                                 break
                         continue
-                    idle_s = min(self._worker.poll_min_interval_s, self._worker.poll_interval_s)
+                    ticks.active()
                     if claimed < self._worker.batch_size:
                         # Look again soon, whether nudged or not: rows may have been committed
                         # meanwhile in shards another worker owned when this one looked. The

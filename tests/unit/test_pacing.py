@@ -142,3 +142,20 @@ async def test_only_one_waiter_polls_the_others_wait_for_a_wake_up() -> None:
     waker.notify()
     async with asyncio.timeout(5):
         assert await second is True
+
+
+def test_idle_ticks_stay_short_for_about_a_poll_interval_after_activity_then_double() -> None:
+    ticks = pacing.IdleTicks(0.01, 0.04)
+    assert [ticks.next_s() for _ in range(3)] == [0.04] * 3  # never active: the long tick
+    ticks.active()
+    assert [ticks.next_s() for _ in range(7)] == [0.01] * 4 + [0.02, 0.04, 0.04]
+    ticks.active()  # activity in the middle of the short ticks starts them over
+    assert [ticks.next_s() for _ in range(2)] == [0.01, 0.01]
+    ticks.active()
+    assert [ticks.next_s() for _ in range(5)] == [0.01] * 4 + [0.02]
+
+
+def test_idle_ticks_with_a_minimum_above_the_maximum_use_the_maximum() -> None:
+    ticks = pacing.IdleTicks(0.5, 0.1)
+    ticks.active()
+    assert [ticks.next_s() for _ in range(3)] == [0.1] * 3

@@ -309,20 +309,20 @@ class RecordingWaker(pacing.Waker):
         return False
 
 
-async def test_idle_ticks_start_short_after_activity_and_double_to_the_poll_interval() -> None:
+async def test_idle_ticks_stay_short_after_activity_then_double_to_the_poll_interval() -> None:
     store, pub = fakes.FakeStore(), fakes.FakePublisher()
     store.insert("a")
     stop = asyncio.Event()
-    waker = RecordingWaker(stop, looks=7)
-    settings = _settings(poll_min_interval_s=0.005, poll_interval_s=0.1, claim_linger_s=0.0)
+    waker = RecordingWaker(stop, looks=8)
+    settings = _settings(poll_min_interval_s=0.025, poll_interval_s=0.1, claim_linger_s=0.0)
     w = worker.Worker("w", settings, pub, stop, waker, store_=store, connect=store.aconnect)
     async with asyncio.timeout(5):
         await w.run()
-    assert waker.timeouts == [0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.1]
+    assert waker.timeouts == [0.025] * 4 + [0.05, 0.1, 0.1, 0.1]
     assert store.status(1) == "published"
     # each tick but the last (stopped) was one cheap look, and none found work: the cycle after
     # the claim was the only full look
-    assert (store.looks, store.claims) == (6, 2)
+    assert (store.looks, store.claims) == (7, 2)
 
 
 async def test_an_idle_look_that_finds_a_new_row_runs_a_cycle() -> None:
