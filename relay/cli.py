@@ -168,6 +168,16 @@ def _tool_arguments(demo: argparse.ArgumentParser, bench: argparse.ArgumentParse
         "--rate", type=positive, default=500.0, help="committed events/s (default 500)"
     )
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
+    demo.add_argument(
+        "--relay-db-user",
+        metavar="USER",
+        help="run the relay as this existing database user, granted README's daemon grants on "
+        "the outbox tables by the demo (the set-up and Service A stay RELAY_DB__USER); "
+        "default: RELAY_DB__USER for everything",
+    )
+    demo.add_argument(
+        "--relay-db-password", default="", metavar="PASSWORD", help="its password (dev only)"
+    )
     bench.add_argument(
         "--mode", choices=("rate", "capacity", "drain", "raw", "all"), default="rate"
     )

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from integration import helpers
-from servers import REPO_ROOT, SERVERS_SH, Kafka, MariaDB, unique_name
+from servers import REPO_ROOT, SERVERS_SH, Kafka, MariaDB, grant_relay, unique_name
 
 from relay import config, db, queries
 from relay.tools import consumer, loadgen, net, polling, processes, stats
@@ -79,9 +79,11 @@ async def scenario(
     rollback_ratio: float = 0.1,
     event_bytes: int = 0,
 ) -> Scenario:
-    """The outbox schema (``relay migrate``'s) and the domain tables in ``database``."""
-    settings = helpers.make_settings(mariadb, database, kafka.bootstrap)
+    """The outbox schema (``relay migrate``'s) and the domain tables in ``database``, made by the
+    administrator, whose settings Service A and the checks use; the relay user's grants."""
+    settings = helpers.as_admin(helpers.make_settings(mariadb, database, kafka.bootstrap))
     await tool_database.prepare(settings, aggregates)
+    grant_relay(mariadb, database, TABLE)
     workload = loadgen.Workload(
         aggregates=aggregates, event_bytes=event_bytes, rollback_ratio=rollback_ratio
     )
@@ -149,8 +151,8 @@ class Fleet:
         self._base_env = processes.settings_env(
             db__host=s.mariadb.host,
             db__port=s.mariadb.port,
-            db__user=s.mariadb.user,
-            db__password=s.mariadb.password,
+            db__user=s.mariadb.relay_user,  # the README's grants only (scenario() grants them)
+            db__password=s.mariadb.relay_password,
             db__name=s.database,
             kafka__bootstrap_servers=s.kafka.bootstrap,
             outbox__table=TABLE,

@@ -28,12 +28,32 @@ T = TypeVar("T")
 S = TypeVar("S")
 
 
+# dev-only users created by deploy/local/servers.sh (user name = password)
+ADMIN_USER = "relay_admin"  # the test harness's administrator: ALL WITH GRANT OPTION
+RELAY_USER = "relay"  # the daemon: README.md's grants only
+MIGRATE_USER = "relay_migrate"  # `relay migrate`: README.md's migrate grants
+
+
 @dataclass(frozen=True)
 class MariaDB:
+    """A MariaDB server and its users (``deploy/local/servers.sh`` creates them, dev-only).
+
+    ``user``/``password``: the administrator (the test harness's ``relay_admin``) that
+    :meth:`connect` and :func:`server_sql` use: it creates and drops databases, seeds and
+    inspects rows, creates users and grants. ``relay_user``: the daemon's least-privilege user,
+    the README's grants only (:func:`grant_relay`); every relay under test runs as it.
+    ``migrate_user``: the README's ``relay migrate`` user (CREATE, ALTER, INDEX, SELECT, INSERT,
+    UPDATE on ``outbox`` and the ``outbox_t_*`` databases).
+    """
+
     host: str
     port: int
     user: str
     password: str
+    relay_user: str = RELAY_USER
+    relay_password: str = RELAY_USER
+    migrate_user: str = MIGRATE_USER
+    migrate_password: str = MIGRATE_USER
 
     @property
     def address(self) -> str:
@@ -67,8 +87,8 @@ def mariadb_from_env() -> MariaDB:
     return MariaDB(
         host="127.0.0.1",
         port=int(os.environ.get("OUTBOX_MARIADB_PORT", "3307")),
-        user="relay",
-        password="relay",  # noqa: S106
+        user=ADMIN_USER,
+        password=ADMIN_USER,
     )
 
 
@@ -84,7 +104,7 @@ def unique_name(prefix: str) -> str:
 
 
 def check_mariadb(server: MariaDB) -> None:
-    """Raise unless ``SELECT 1`` works over TCP as the configured user."""
+    """Raise unless ``SELECT 1`` works over TCP as the administrator."""
     if server_sql(server, "SELECT 1") != [(1,)]:
         raise RuntimeError("SELECT 1 returned something else")
 
@@ -162,8 +182,9 @@ def ensure_reachable(server: S, check: Callable[[S], None], name: str, address: 
 def server_sql(
     server: MariaDB, statement: str, *args: object, database: str | None = None
 ) -> list[tuple[Any, ...]]:
-    """Run one statement with PyMySQL as the servers' user (autocommit), not through the relay's
-    connections; its rows. Without ``args`` the statement is sent as it is (no ``%`` escaping)."""
+    """Run one statement with PyMySQL as the server's administrator (autocommit), not through
+    the relay's connections; its rows. Without ``args`` the statement is sent as it is (no
+    ``%`` escaping)."""
     conn = server.connect(database)
     try:
         with conn.cursor() as cur:
@@ -178,4 +199,58 @@ def create_database(server: MariaDB, name: str) -> None:
 
 
 def drop_database(server: MariaDB, name: str) -> None:
+    """Drop ``name`` and the relay user's table privileges in it (a dropped database keeps its
+    rows of ``mysql.tables_priv``)."""
+    revoke_relay(server, name)
     server_sql(server, f"DROP DATABASE IF EXISTS `{name}`")
+
+
+# README.md ("Grants"): the daemon's privileges, per table suffix of the outbox table.
+RELAY_GRANTS = {
+    "": "SELECT, UPDATE, DELETE",
+    "_shard": "SELECT, UPDATE",
+    "_hold": "SELECT, INSERT, UPDATE, DELETE",
+    "_meta": "SELECT",
+}
+HOSTS = ("%", "localhost")  # servers.sh creates each user at both
+
+
+def grant_relay(server: MariaDB, database: str, table: str = "outbox") -> list[str]:
+    """Grant ``server.relay_user`` the README's privileges on the tables of ``table`` in
+    ``database`` that exist (a GRANT on a missing table fails: grant after ``relay migrate``,
+    again after an upgrade adds tables). The tables granted."""
+    names = {table + suffix: privileges for suffix, privileges in RELAY_GRANTS.items()}
+    existing = server_sql(
+        server,
+        "SELECT table_name FROM information_schema.tables"
+        " WHERE table_schema = %s AND table_name IN %s",
+        database,
+        tuple(names),
+    )
+    granted = sorted(str(name) for (name,) in existing)
+    for name in granted:
+        for host in HOSTS:
+            server_sql(
+                server,
+                f"GRANT {names[name]} ON `{database}`.`{name}` TO %s@%s",
+                server.relay_user,
+                host,
+            )
+    return granted
+
+
+def revoke_relay(server: MariaDB, database: str) -> None:
+    """Revoke every table privilege ``server.relay_user`` has in ``database``."""
+    rows = server_sql(
+        server,
+        "SELECT Host, Table_name FROM mysql.tables_priv WHERE Db = %s AND User = %s",
+        database,
+        server.relay_user,
+    )
+    for host, name in rows:
+        server_sql(
+            server,
+            f"REVOKE ALL PRIVILEGES ON `{database}`.`{name}` FROM %s@%s",
+            server.relay_user,
+            host,
+        )

@@ -25,8 +25,11 @@ MARIADB_DATA="$MARIADB_DIR/data"
 MARIADB_SOCKET="$RUN_DIR/mariadb.sock"
 MARIADB_PID="$RUN_DIR/mariadb.pid"
 MARIADB_LOG="$LOG_DIR/mariadb.log"
+# dev-only users, documented in deploy/local/README.md (mariadb_provision creates them):
+# relay (the daemon, README "Grants"), relay_migrate (`relay migrate`), service_a (Service A's
+# INSERT), relay_admin (the test harness's and tools' administrator). The probes log in as relay.
 MARIADB_USER=relay
-MARIADB_PASSWORD=relay # dev-only credentials, documented in deploy/local/README.md
+MARIADB_PASSWORD=relay
 
 KAFKA_PORT="${OUTBOX_KAFKA_PORT:-19092}"
 KAFKA_CONTROLLER_PORT="${OUTBOX_KAFKA_CONTROLLER_PORT:-19093}"
@@ -131,25 +134,80 @@ mariadb_init_datadir() {
     mv "$tmp" "$MARIADB_DATA" # atomic: a half-initialised datadir is never left behind
 }
 
+# The README's ("Grants") daemon grants on the outbox tables of database outbox that exist:
+# a GRANT on a missing table fails, and `relay migrate` creates them (`relay demo
+# --relay-db-user relay`, as run-demo.sh runs it, grants them itself after migrating).
+mariadb_relay_table_grants() {
+    local table privileges host
+    for table in outbox outbox_shard outbox_hold outbox_meta; do
+        case "$table" in
+            outbox) privileges="SELECT, UPDATE, DELETE" ;;
+            outbox_shard) privileges="SELECT, UPDATE" ;;
+            outbox_hold) privileges="SELECT, INSERT, UPDATE, DELETE" ;;
+            outbox_meta) privileges="SELECT" ;;
+        esac
+        if [ -n "$(mariadb_root -N -e "SELECT 1 FROM information_schema.tables
+            WHERE table_schema = 'outbox' AND table_name = '$table'")" ]; then
+            for host in % localhost; do
+                echo "GRANT $privileges ON \`outbox\`.\`$table\` TO '$MARIADB_USER'@'$host';"
+            done
+        fi
+    done
+}
+
 mariadb_provision() {
-    # Idempotent; dev-only credentials. Tests create and drop databases named outbox_t_*.
-    mariadb_root <<SQL
+    # Idempotent and converging (an older servers.sh made `relay` all-privileged: that goes);
+    # dev-only credentials, user name = password. Both hosts '%' and 'localhost' each.
+    # - relay_admin: ALL WITH GRANT OPTION. Only the test harness and the tools' set-up use it
+    #   (create/drop the tests' outbox_t_* databases, seed and inspect rows, grant the relay).
+    # - relay_migrate: README's migrate user, on outbox and (wildcard) every outbox_t_* database.
+    # - relay: exactly README's daemon grants, table by table (mariadb_relay_table_grants); the
+    #   tests grant it the same on each test database after migrating (tests/servers.py).
+    # - service_a: Service A's INSERT on outbox.outbox (granted once that table exists).
+    # The global-level REVOKEs leave the table grants of running tests' databases alone.
+    {
+        cat <<'SQL'
 CREATE DATABASE IF NOT EXISTS outbox CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
-CREATE USER IF NOT EXISTS '$MARIADB_USER'@'%' IDENTIFIED BY '$MARIADB_PASSWORD';
-CREATE USER IF NOT EXISTS '$MARIADB_USER'@'localhost' IDENTIFIED BY '$MARIADB_PASSWORD';
-GRANT ALL PRIVILEGES ON *.* TO '$MARIADB_USER'@'%' WITH GRANT OPTION;
-GRANT ALL PRIVILEGES ON *.* TO '$MARIADB_USER'@'localhost' WITH GRANT OPTION;
+CREATE USER IF NOT EXISTS 'relay_admin'@'%' IDENTIFIED BY 'relay_admin';
+CREATE USER IF NOT EXISTS 'relay_admin'@'localhost' IDENTIFIED BY 'relay_admin';
+GRANT ALL PRIVILEGES ON *.* TO 'relay_admin'@'%' WITH GRANT OPTION;
+GRANT ALL PRIVILEGES ON *.* TO 'relay_admin'@'localhost' WITH GRANT OPTION;
+CREATE USER IF NOT EXISTS 'relay_migrate'@'%' IDENTIFIED BY 'relay_migrate';
+CREATE USER IF NOT EXISTS 'relay_migrate'@'localhost' IDENTIFIED BY 'relay_migrate';
+GRANT CREATE, ALTER, INDEX, SELECT, INSERT, UPDATE ON `outbox`.* TO 'relay_migrate'@'%';
+GRANT CREATE, ALTER, INDEX, SELECT, INSERT, UPDATE ON `outbox`.* TO 'relay_migrate'@'localhost';
+GRANT CREATE, ALTER, INDEX, SELECT, INSERT, UPDATE ON `outbox\_t\_%`.* TO 'relay_migrate'@'%';
+GRANT CREATE, ALTER, INDEX, SELECT, INSERT, UPDATE ON `outbox\_t\_%`.* TO 'relay_migrate'@'localhost';
+CREATE USER IF NOT EXISTS 'service_a'@'%' IDENTIFIED BY 'service_a';
+CREATE USER IF NOT EXISTS 'service_a'@'localhost' IDENTIFIED BY 'service_a';
 SQL
+        local host
+        for host in % localhost; do
+            echo "CREATE USER IF NOT EXISTS '$MARIADB_USER'@'$host' IDENTIFIED BY '$MARIADB_PASSWORD';"
+            echo "REVOKE ALL PRIVILEGES ON *.* FROM '$MARIADB_USER'@'$host';"
+            echo "REVOKE GRANT OPTION ON *.* FROM '$MARIADB_USER'@'$host';"
+        done
+        mariadb_relay_table_grants
+        if [ -n "$(mariadb_root -N -e "SELECT 1 FROM information_schema.tables
+            WHERE table_schema = 'outbox' AND table_name = 'outbox'")" ]; then
+            for host in % localhost; do
+                echo "GRANT INSERT ON \`outbox\`.\`outbox\` TO 'service_a'@'$host';"
+            done
+        fi
+    } | mariadb_root
 }
 
 mariadb_up() {
     local started=0
     mkdir -p "$MARIADB_DIR" "$LOG_DIR" "$RUN_DIR"
     if pid_alive "$MARIADB_PID" "$MARIADB_DATA"; then
-        if mariadb_tcp_ok; then
-            log "mariadb: already running (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT)"
-            mariadb_warn_without_tls
-            return 0
+        if mariadb_root -N -e 'SELECT 1' >/dev/null 2>&1; then
+            mariadb_provision # converges the users of a server provisioned by an older script
+            if mariadb_tcp_ok; then
+                log "mariadb: already running (pid $(cat "$MARIADB_PID"), 127.0.0.1:$MARIADB_PORT)"
+                mariadb_warn_without_tls
+                return 0
+            fi
         fi
         log "mariadb: pid $(cat "$MARIADB_PID") runs but does not answer yet; waiting"
     else

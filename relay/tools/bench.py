@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 import psutil
+import pydantic
 import structlog
 
 from relay import __version__, app, config
@@ -73,9 +74,13 @@ async def demo(settings: config.Settings, args: argparse.Namespace) -> int:
     kafka = topics.client_options(settings)
     await database.create(settings, settings.db.name, exist_ok=True)
     await database.prepare(settings, args.aggregates)
+    relay_settings = await _demo_relay_settings(settings, args)
     await topics.create(kafka, topic, args.partitions)
-    print(f"schema applied: {settings.db.name}.{settings.outbox.table}; topic {topic}")
-    relay = app.App(settings)
+    print(
+        f"schema applied: {settings.db.name}.{settings.outbox.table}; topic {topic}; "
+        f"relay as database user {relay_settings.db.user}, Service A as {settings.db.user}"
+    )
+    relay = app.App(relay_settings)
     relay_task = asyncio.create_task(relay.run(), name="relay")
     writers_stop = asyncio.Event()
     try:
@@ -124,6 +129,19 @@ async def demo(settings: config.Settings, args: argparse.Namespace) -> int:
     ok = summary.ok and relay_code == 0
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
+
+
+async def _demo_relay_settings(
+    settings: config.Settings, args: argparse.Namespace
+) -> config.Settings:
+    """The demo relay's settings: ``settings`` (RELAY_DB__USER: the set-up, Service A), or with
+    ``--relay-db-user``, that user, granted README's daemon grants here."""
+    if not args.relay_db_user:
+        return settings
+    await database.grant_relay(settings, args.relay_db_user)
+    password = pydantic.SecretStr(args.relay_db_password)
+    relay_db = settings.db.model_copy(update={"user": args.relay_db_user, "password": password})
+    return settings.model_copy(update={"db": relay_db})
 
 
 async def _wakeup_port(relay: app.App, relay_task: asyncio.Task[int]) -> int:

@@ -66,6 +66,23 @@ async def prepare(settings: config.Settings, aggregates: int) -> None:
             await cur.executemany(sql.INSERT_ACCOUNT, [(i,) for i in range(1, aggregates + 1)])
 
 
+async def grant_relay(settings: config.Settings, user: str) -> None:
+    """README's daemon grants (``Grants``) on the outbox tables of ``settings`` to ``user``, at
+    each host it is defined for; run as a user that may grant, after :func:`prepare`."""
+    async with db.connection(settings) as conn, conn.cursor() as cur:
+        await cur.execute(sql.USER_HOSTS, (user,))
+        hosts = [str(host) for (host,) in await cur.fetchall()]
+        if not hosts:
+            raise ValueError(f"no database user {user!r}")
+        for suffix, privileges in sql.RELAY_GRANTS:
+            template = sql.GRANT_ON_TABLE.replace("{privileges}", privileges)
+            statement = sql.render(
+                template, database=settings.db.name, table=settings.outbox.table + suffix
+            )
+            for host in hosts:
+                await cur.execute(statement, (user, host))
+
+
 async def change_account(cur: Cursor, account: int, amount: int, events: int) -> tuple[int, int]:
     """Service A's domain change: lock the account (``UPDATE``; its version grows by one per
     event), read it back, add a ledger row. Returns (balance, version)."""

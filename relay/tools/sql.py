@@ -17,6 +17,18 @@ CREATE_DATABASE_IF_MISSING = (
 )
 DROP_DATABASE = "DROP DATABASE IF EXISTS {database}"
 
+# -- the daemon's least privilege (README.md "Grants"), for `relay demo --relay-db-user` ---------
+
+USER_HOSTS = "SELECT Host FROM mysql.user WHERE User = %s"
+# per suffix of the outbox table's name: the privileges
+RELAY_GRANTS = (
+    ("", "SELECT, UPDATE, DELETE"),
+    ("_shard", "SELECT, UPDATE"),
+    ("_hold", "SELECT, INSERT, UPDATE, DELETE"),
+    ("_meta", "SELECT"),
+)
+GRANT_ON_TABLE = "GRANT {privileges} ON {database}.{table} TO %s@%s"
+
 # -- the simulated domain of Service A ------------------------------------------------------------
 
 DOMAIN_SCHEMA = (

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import prometheus_client
+import pydantic
 import servers
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -33,13 +34,16 @@ server_sql = servers.server_sql  # server_sql(mariadb, statement, *args, databas
 def make_settings(
     mariadb: MariaDB, database: str, bootstrap: str, **groups: Mapping[str, Any]
 ) -> config.Settings:
-    """Settings for the test servers; fast polling and backoff; cleaner off; probes on port 0."""
+    """Settings for the test servers, as the relay's least-privilege user (``mariadb.relay_user``,
+    README's grants: :func:`migrate` grants them); fast polling and backoff; cleaner off; probes
+    on port 0. The helpers that seed and inspect rows (:func:`sql`, :func:`write`...) connect as
+    the administrator instead (:func:`as_admin`)."""
     base: dict[str, dict[str, Any]] = {
         "db": {
             "host": mariadb.host,
             "port": mariadb.port,
-            "user": mariadb.user,
-            "password": mariadb.password,
+            "user": mariadb.relay_user,
+            "password": mariadb.relay_password,
             "name": database,
         },
         "kafka": {"bootstrap_servers": bootstrap, "request_timeout_s": 5.0},
@@ -59,12 +63,46 @@ def make_settings(
     return config.load(**base)
 
 
+def as_user(settings: config.Settings, user: str, password: str) -> config.Settings:
+    """``settings`` with another database user (the rest, TLS included, unchanged)."""
+    secret = pydantic.SecretStr(password)
+    return settings.model_copy(
+        update={"db": settings.db.model_copy(update={"user": user, "password": secret})}
+    )
+
+
+def as_admin(settings: config.Settings) -> config.Settings:
+    """``settings`` as the administrator when they are the relay's or the migrate user's (a
+    test's own user, e.g. a ``REQUIRE SSL`` one, is kept): for seeding and inspecting rows."""
+    if settings.db.user not in (servers.RELAY_USER, servers.MIGRATE_USER):
+        return settings
+    return as_user(settings, servers.ADMIN_USER, servers.ADMIN_USER)
+
+
+def as_migrate(settings: config.Settings) -> config.Settings:
+    """``settings`` as the ``relay migrate`` user when they are the relay's."""
+    if settings.db.user != servers.RELAY_USER:
+        return settings
+    return as_user(settings, servers.MIGRATE_USER, servers.MIGRATE_USER)
+
+
+def admin_server(settings: config.Settings) -> MariaDB:
+    """The server of ``settings`` with the administrator (for :mod:`servers`' functions)."""
+    return servers.MariaDB(
+        settings.db.host, settings.db.port, servers.ADMIN_USER, servers.ADMIN_USER
+    )
+
+
 async def migrate(settings: config.Settings) -> None:
-    conn = await db.connect(settings)
+    """The schema (``relay migrate``) as the migrate user, then the relay user's grants on it,
+    when ``settings`` are the relay user's; else as ``settings``' own user (a test's)."""
+    conn = await db.connect(as_migrate(settings))
     try:
         await store.Store(settings.outbox.table).migrate(conn)
     finally:
         db.close(conn)
+    if settings.db.user == servers.RELAY_USER:
+        servers.grant_relay(admin_server(settings), settings.db.name, settings.outbox.table)
 
 
 async def migrated(
@@ -81,8 +119,9 @@ async def migrated(
 async def sql(
     settings: config.Settings, statement: str, args: Sequence[object] | None = None
 ) -> list[tuple[Any, ...]]:
-    """Run one statement on a fresh relay connection (autocommit) and return its rows."""
-    conn = await db.connect(settings)
+    """Run one statement on a fresh connection of ``settings`` as the administrator
+    (:func:`as_admin`; autocommit) and return its rows."""
+    conn = await db.connect(as_admin(settings))
     try:
         async with conn.cursor() as cur:
             await cur.execute(statement, args)
@@ -115,8 +154,9 @@ def run_relay(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Complet
 
 
 async def write(settings: config.Settings, *events: writer.Event) -> list[str]:
-    """Insert events in one committed transaction, as Service A would."""
-    conn = await db.connect(settings, autocommit=False)
+    """Insert events in one committed transaction, as Service A would (as the administrator:
+    :func:`as_admin`)."""
+    conn = await db.connect(as_admin(settings), autocommit=False)
     try:
         async with conn.cursor() as cur:
             ids = await writer.OutboxWriter(settings.outbox.table).add(cur, *events)

@@ -22,7 +22,11 @@ DURATION_S = 20
 
 
 def bench(mariadb: MariaDB, kafka: Kafka, *options: str) -> tuple[dict[str, Any], str]:
-    """Run `relay bench --json ...`: the report, and stderr (logs and live progress)."""
+    """Run `relay bench --json ...`: the report, and stderr (logs and live progress).
+
+    As the administrator, not the relay's least-privilege user: the bench is a load tool that
+    creates its scratch database and tables and writes the rows, and its relay shares its
+    settings (the least-privilege relay is what the rest of the suite runs)."""
     env = {
         **os.environ,
         "RELAY_DB__HOST": mariadb.host,

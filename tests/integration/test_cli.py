@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pymysql
 import pytest
+import servers
 from integration import helpers
 from servers import Kafka, MariaDB
 
@@ -14,17 +15,31 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def env(mariadb: MariaDB, kafka: Kafka, database: str, tmp_path: Path) -> dict[str, str]:
-    """The environment of a `relay` command on the test servers and the test's database."""
+    """The environment of a `relay` command on the test servers and the test's database, as the
+    relay's least-privilege user (README's grants, given by :func:`migrate`)."""
     return helpers.relay_env(
         tmp_path,
         RELAY_DB__HOST=mariadb.host,
         RELAY_DB__PORT=str(mariadb.port),
-        RELAY_DB__USER=mariadb.user,
-        RELAY_DB__PASSWORD=mariadb.password,
+        RELAY_DB__USER=mariadb.relay_user,
+        RELAY_DB__PASSWORD=mariadb.relay_password,
         RELAY_DB__NAME=database,
         RELAY_KAFKA__BOOTSTRAP_SERVERS=kafka.bootstrap,
         RELAY_KAFKA__REQUEST_TIMEOUT_S="5",
     )
+
+
+def migrate(mariadb: MariaDB, database: str, env: dict[str, str]) -> str:
+    """`relay migrate` as the migrate user, then the relay user's grants on its tables (as a
+    deployment does: README "Grants"); its output."""
+    as_migrate = {
+        "RELAY_DB__USER": mariadb.migrate_user,
+        "RELAY_DB__PASSWORD": mariadb.migrate_password,
+    }
+    proc = helpers.run_relay(["migrate"], env | as_migrate)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    servers.grant_relay(mariadb, database, env.get("RELAY_OUTBOX__TABLE", "outbox"))
+    return proc.stdout
 
 
 def test_schema_prints_runnable_create_tables(
@@ -64,9 +79,8 @@ def test_migrate_then_check(
 ) -> None:
     env["RELAY_OUTBOX__TOPIC_TEMPLATE"] = topic
     for _ in range(2):  # idempotent
-        proc = helpers.run_relay(["migrate"], env)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert f"schema version 2 current: {database}.outbox" in proc.stdout
+        out = migrate(mariadb, database, env)
+        assert f"schema version 2 current: {database}.outbox" in out
     # a new row routed to the fixture topic: the check looks that topic up
     _insert_new_row(mariadb, database, "order")
     proc = helpers.run_relay(["check"], env)
@@ -75,10 +89,16 @@ def test_migrate_then_check(
     for name in ("database", "schema", "grants", "kafka", "topics"):
         assert any(line.startswith(f"ok   {name}:") for line in lines), (name, proc.stdout)
     assert not any(line.startswith("FAIL") for line in lines)
-    # the local test user has ALL WITH GRANT OPTION: said, without its password hash
+    # the relay user has README's grants: nothing excess to say
+    assert "privileges" not in proc.stdout, proc.stdout
+    # the administrator has ALL WITH GRANT OPTION: said, without its password hash
+    as_admin = {"RELAY_DB__USER": mariadb.user, "RELAY_DB__PASSWORD": mariadb.password}
+    proc = helpers.run_relay(["check"], env | as_admin)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "warn privileges: more than the relay needs: ALL PRIVILEGES ON *.*" in proc.stdout
+    assert "GRANT OPTION ON *.*" in proc.stdout
     assert "PASSWORD '*" not in proc.stdout
-    # the check's grant test rolled back: the row is still new
+    # the checks' grant tests rolled back: the row is still new
     statuses = helpers.server_sql(mariadb, "SELECT status FROM outbox", database=database)
     assert statuses == [("new",)]
 
@@ -87,14 +107,26 @@ def test_check_fails_on_a_missing_topic(
     mariadb: MariaDB, database: str, env: dict[str, str]
 ) -> None:
     env["RELAY_OUTBOX__TOPIC_TEMPLATE"] = "missing.{aggregate_type}"
-    assert helpers.run_relay(["migrate"], env).returncode == 0
+    migrate(mariadb, database, env)
     _insert_new_row(mariadb, database, "nowhere")
     proc = helpers.run_relay(["check"], env)
     assert proc.returncode == 3, proc.stdout + proc.stderr  # operational: the topic is missing
     assert "FAIL topics: missing topics ['missing.nowhere']" in proc.stdout
 
 
-def test_check_fails_when_table_missing(env: dict[str, str]) -> None:
+def test_check_fails_when_table_missing(
+    mariadb: MariaDB, database: str, env: dict[str, str]
+) -> None:
+    # before `relay migrate` the relay user has no grant in the database (a GRANT needs the
+    # table): the server refuses the database itself
+    proc = helpers.run_relay(["check"], env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "FAIL database: cannot connect: OperationalError: (1044" in proc.stdout
+    # granted, then the tables are gone: the schema check names the fix
+    migrate(mariadb, database, env)
+    helpers.server_sql(
+        mariadb, "DROP TABLE outbox, outbox_shard, outbox_hold, outbox_meta", database=database
+    )
     proc = helpers.run_relay(["check"], env)
     assert proc.returncode == 4, proc.stdout + proc.stderr  # missing schema
     assert "FAIL schema: table 'outbox' missing: run `relay migrate`" in proc.stdout
@@ -109,7 +141,7 @@ def test_check_fails_when_database_unreachable(env: dict[str, str]) -> None:
 
 
 def test_replay_puts_failed_rows_back(mariadb: MariaDB, database: str, env: dict[str, str]) -> None:
-    assert helpers.run_relay(["migrate"], env).returncode == 0
+    migrate(mariadb, database, env)
     conn = mariadb.connect(database)
     try:
         with conn.cursor() as cur:

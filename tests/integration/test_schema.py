@@ -12,6 +12,7 @@ from typing import Any
 
 import pydantic
 import pytest
+import servers
 from integration import helpers
 from servers import Kafka, MariaDB
 
@@ -54,18 +55,20 @@ async def _install_v1(settings: config.Settings) -> dict[str, str]:
 
 
 async def test_migrate_upgrades_version_1_in_place_and_is_idempotent(
-    settings: config.Settings,
+    settings: config.Settings, mariadb: MariaDB, database: str
 ) -> None:
     await _install_v1(settings)
+    assert servers.grant_relay(mariadb, database) == ["outbox", "outbox_shard"]  # v1's tables
     with pytest.raises(errors.MissingError, match="schema version 1: run `relay migrate`"):
         await preflight.verify(settings)
-    async with db.connection(settings) as conn:
+    async with db.connection(helpers.as_migrate(settings)) as conn:  # README's migrate user
         steps = await store.Store("outbox").migrate(conn)
         assert steps == ["outbox_statuses_v2", "outbox_resolved_v2", "shard_holds_v2"]
         assert await store.Store("outbox").schema_version(conn) == store.SCHEMA_VERSION
         assert await store.Store("outbox").migrate(conn) == []  # idempotent
     kept = await helpers.sql(settings, "SELECT aggregate_id, status FROM outbox ORDER BY id")
     assert kept == [("n", "new"), ("p", "published"), ("f", "failed")]
+    servers.grant_relay(mariadb, database)  # the tables the upgrade added
     await preflight.verify(settings)  # now acceptable to `relay run`
     # the new statuses and tables work on the upgraded schema
     await helpers.sql(settings, "UPDATE outbox SET status = 'held' WHERE aggregate_id = 'n'")

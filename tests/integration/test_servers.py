@@ -8,11 +8,12 @@ from collections import defaultdict
 
 import pymysql
 import pytest
+import servers
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from integration import helpers
 from servers import Kafka, MariaDB
 
-from relay import db, queries, store
+from relay import db, preflight, queries, store
 
 pytestmark = pytest.mark.integration
 
@@ -143,3 +144,49 @@ async def test_skip_locked_claims_are_disjoint(
     finally:
         for conn in conns:
             db.close(conn)
+
+
+# ------------------------------------------- the relay under test has README's grants, no more
+
+
+async def test_the_tests_relay_user_has_only_the_readme_grants(
+    mariadb: MariaDB, kafka: Kafka, database: str
+) -> None:
+    """The relay the tests run (``make_settings``, the e2e fleet's ``relay_user``) is the
+    least-privilege user of deploy/local/servers.sh: after ``migrate`` it has exactly README's
+    ("Grants") daemon grants on the test database and nothing global; `relay check`'s
+    excess-privilege test finds nothing; it cannot create tables. Dropping the database takes
+    its grants there away."""
+    settings = helpers.make_settings(mariadb, database, kafka.bootstrap)
+    assert (settings.db.user, mariadb.relay_user) == ("relay", "relay")
+    assert mariadb.user != mariadb.relay_user  # the administrator seeds and inspects
+    await helpers.migrate(settings)
+    async with db.connection(settings) as conn:
+        grants = await store.Store(helpers.TABLE).grants(conn)
+        assert preflight.excess_privileges(grants) == []
+        with pytest.raises(pymysql.err.OperationalError) as denied:
+            async with conn.cursor() as cur:
+                await cur.execute("CREATE TABLE scratch (id INT PRIMARY KEY)")
+        assert denied.value.args[0] == 1142  # ER_TABLEACCESS_DENIED_ERROR
+    ours = sorted(g.replace("`", "") for g in grants if f"`{database}`" in g)
+    assert ours == sorted(
+        f"GRANT {servers.RELAY_GRANTS[sfx]} ON {database}.outbox{sfx} TO relay@%"
+        for sfx in queries.TABLE_SUFFIXES
+    )
+    assert [g.replace("`", "").split(" IDENTIFIED")[0] for g in grants if " *.* " in g] == [
+        "GRANT USAGE ON *.* TO relay@%"
+    ]
+    # the whole user: README's grants, here and on the local `outbox` database only
+    for grant in grants:
+        on = grant.partition(" ON ")[2].partition(" TO ")[0].replace("`", "")
+        if on != "*.*":
+            db_name, _, table = on.partition(".")
+            assert db_name in (database, "outbox"), grant
+            assert table in {f"outbox{sfx}" for sfx in queries.TABLE_SUFFIXES}, grant
+    await preflight.verify(settings)  # and they are enough for `relay run`
+
+    servers.drop_database(mariadb, database)
+    left = servers.server_sql(
+        mariadb, "SELECT COUNT(*) FROM mysql.tables_priv WHERE Db = %s", database
+    )
+    assert left == [(0,)]

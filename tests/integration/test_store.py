@@ -263,7 +263,7 @@ async def test_writer_sync_never_commits(
 async def test_writer_async_never_commits(
     settings: config.Settings, mariadb: MariaDB, database: str
 ) -> None:
-    conn = await db.connect(settings, autocommit=False)
+    conn = await db.connect(helpers.as_admin(settings), autocommit=False)  # Service A, not relay
     try:
         async with conn.cursor() as cur:
             await writer.OutboxWriter().add(cur, helpers.event("x"))
