@@ -240,11 +240,6 @@ class Store:
 
     # -- claim, publish, mark ----------------------------------------------------------------
 
-    async def ready_shards(self, conn: Connection) -> list[int]:
-        """Shards with new rows (the one with the oldest head first) or a due timed hold."""
-        rows = await self._rows(conn, "ready_shards", {})
-        return list(dict.fromkeys(shard for shard, _head in sorted(rows, key=lambda r: r[1])))
-
     async def has_work(self, conn: Connection) -> bool:
         """Whether a row is new or a timed hold is due (for an autocommit connection)."""
         return bool(await self._scalar(conn, "has_work", {}))
@@ -261,28 +256,6 @@ class Store:
             params = {"low": 0, "high": start, "limit": limit - len(owned)}
             owned.update((r[0], int(r[1])) for r in await self._rows(conn, "claim_shards", params))
         return owned
-
-    async def lock_shards(
-        self, conn: Connection, ready: Sequence[int], limit: int
-    ) -> dict[int, int]:
-        """Lock up to ``limit`` of the ``ready`` shards for this transaction, skipping owned ones.
-
-        Returns {shard: number of held aggregates}. Shards are taken in shard order starting at
-        ``ready[0]`` (the oldest head) and wrapping around, so every shard gets its turn
-        whatever its number.
-        """
-        if len(ready) <= limit:  # no choice to make: one statement
-            params = {"shards": tuple(ready), "limit": limit}
-            return {r[0]: int(r[1]) for r in await self._rows(conn, "lock_shards", params)}
-        start = ready[0]
-        above = tuple(s for s in ready if s >= start)
-        params = {"shards": above, "limit": limit}
-        locked = {r[0]: int(r[1]) for r in await self._rows(conn, "lock_shards", params)}
-        below = tuple(s for s in ready if s < start)
-        if below and len(locked) < limit:
-            params = {"shards": below, "limit": limit - len(locked)}
-            locked.update({r[0]: int(r[1]) for r in await self._rows(conn, "lock_shards", params)})
-        return locked
 
     async def due_holds(self, conn: Connection, shards: Sequence[int]) -> list[Hold]:
         """Timed holds of owned ``shards`` whose retry time has come."""

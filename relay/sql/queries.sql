@@ -22,44 +22,21 @@ SET SESSION idle_transaction_timeout = %(seconds)s
 -- MySQL (no idle_transaction_timeout): end a session idle this long.
 SET SESSION wait_timeout = %(seconds)s
 
--- name: ready_shards
--- Shards that have new rows, with the id of their oldest one: one ix_claim dive per shard
--- (64 in all) whatever the table holds, published rows and backlog alike; and shards with a
--- timed hold whose retry time has come (ix_hold_due; head 0: first in line).
-SELECT shard, head FROM (
-    SELECT s.shard,
-           (SELECT o.id FROM {outbox} AS o WHERE o.status = 'new' AND o.shard = s.shard
-            ORDER BY o.id LIMIT 1) AS head
-    FROM {outbox_shard} AS s
-) AS heads
-WHERE head IS NOT NULL
-UNION ALL
-SELECT shard, 0 FROM {outbox_hold} WHERE retry_at <= CURRENT_TIMESTAMP(6)
-
--- name: lock_shards
--- Take ownership of up to %(limit)s of the given shards, skipping those another worker owns.
--- Primary-key order with LIMIT: only the returned rows are locked. holds > 0: the shard has
--- held aggregates, whose rows the claim must set aside.
-SELECT shard, holds FROM {outbox_shard}
-WHERE shard IN %(shards)s
-ORDER BY shard
-LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
-
 -- name: has_work
--- The idle look: whether any row is new or any timed hold is due. One ix_claim dive and one
--- ix_hold_due dive, run in autocommit mode: no transaction, so an idle relay keeps no lock of
--- any kind (not even a metadata lock) between looks.
+-- The idle look: whether any row is new or any timed hold is due. One dive on an index led by
+-- status (ix_claim or ix_clean: the optimizer's pick, either stops at the first new row) and
+-- one ix_hold_due dive, run in autocommit mode: no transaction, so an idle relay keeps no lock
+-- of any kind (not even a metadata lock) between looks.
 SELECT EXISTS (SELECT 1 FROM {outbox} WHERE status = 'new')
        OR EXISTS (SELECT 1 FROM {outbox_hold} WHERE retry_at <= CURRENT_TIMESTAMP(6))
 
 -- name: claim_shards
 -- Find and own shards in one statement: up to %(limit)s shards of [%(low)s, %(high)s) that
--- have new rows (one ix_claim dive each, like ready_shards) or a due timed hold (looked up only
--- when the shard counts holds), skipping those another worker owns. Primary-key order with
--- LIMIT, READ COMMITTED: only the returned rows stay locked (rows the WHERE rejects are
--- released at once), and the subqueries are plain reads that lock nothing. holds > 0: the
--- shard has held aggregates, whose rows the claim must set aside.
+-- have new rows (one ix_claim dive each) or a due timed hold (looked up only when the shard
+-- counts holds), skipping those another worker owns. Primary-key order with LIMIT, READ
+-- COMMITTED: only the returned rows stay locked (rows the WHERE rejects are released at once),
+-- and the subqueries are plain reads that lock nothing. holds > 0: the shard has held
+-- aggregates, whose rows the claim must set aside.
 SELECT s.shard, s.holds FROM {outbox_shard} AS s
 WHERE s.shard >= %(low)s AND s.shard < %(high)s
   AND ((SELECT o.id FROM {outbox} AS o WHERE o.status = 'new' AND o.shard = s.shard

@@ -187,8 +187,9 @@ async def test_claim_reads_do_not_grow_with_retained_rows_or_holds(
     settings: config.Settings,
 ) -> None:
     """1,000,000 published rows and 10,000 held aggregates (each with a held row) stay out of
-    the claim's way: the rows the server reads for one whole claim (find, lock, due holds,
-    claim, holds of the claimed aggregates) are a small multiple of what it returns."""
+    the claim's way: the rows the server reads for one whole claim (find and lock the shards,
+    due holds, claim, holds of the claimed aggregates) are a small multiple of what it
+    returns."""
     await helpers.migrate(settings)
     s = store.Store("outbox")
     await helpers.sql(
@@ -219,8 +220,7 @@ async def test_claim_reads_do_not_grow_with_retained_rows_or_holds(
     await helpers.sql(settings, "ANALYZE TABLE outbox, outbox_hold")
     async with db.connection(settings, autocommit=False) as conn:
         before = await _handler_reads(conn)
-        ready = await s.ready_shards(conn)
-        owned = await s.lock_shards(conn, ready, 64)
+        owned = await s.claim_shards(conn, 0, store.SHARDS)
         held = [shard for shard, n in owned.items() if n]
         due = await s.due_holds(conn, held)
         rows = await s.claim_rows(conn, list(owned), 1000, 1 << 24)

@@ -2,15 +2,17 @@
 
 Design note criticisms shown impossible here:
 
-* concurrent recovery: two transactions locking shards get disjoint shards and disjoint rows;
-* full-table-scan recovery query: the claim, ready-shard and lock queries use their indexes, with
-  no filesort, also with ~100k published rows in the table;
+* concurrent recovery: two transactions claiming shards get disjoint shards and disjoint rows,
+  and a claim locks only the shard rows it returns (no outbox row, no shard it passed over);
+* full-table-scan recovery query: the shard claim, the idle look and the row claim use their
+  indexes, with no filesort, also with ~100k published rows in the table;
 * event written outside the domain transaction: the writer helper never commits; its rows are
   invisible to others until the caller commits, and gone if the caller rolls back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import itertools
 import time
@@ -89,14 +91,13 @@ async def test_concurrent_lockers_get_disjoint_shards_and_rows(
 ) -> None:
     """Concurrent recovery: two claimers never own the same shard or the same row."""
     await helpers.write(settings, *(helpers.event(f"agg-{i}", i) for i in range(400)))
+    every = set(range(store.SHARDS))
+    assert await _new_shards(settings) == every  # 400 aggregates cover every shard
     a, b, c = conns
-    ready = await S.ready_shards(a)
-    assert len(ready) == store.SHARDS  # 400 aggregates cover every shard
     await a.begin()
     await b.begin()
     await c.begin()
-    shards_a = await S.lock_shards(a, ready, 16)
-    shards_b = await S.lock_shards(b, ready, 16)
+    shards_a, shards_b = await asyncio.gather(S.claim_shards(a, 0, 16), S.claim_shards(b, 0, 16))
     assert len(shards_a) == len(shards_b) == 16
     assert not set(shards_a) & set(shards_b)
     rows_a = await S.claim_rows(a, list(shards_a), 1000, MAX_BYTES)
@@ -110,9 +111,9 @@ async def test_concurrent_lockers_get_disjoint_shards_and_rows(
     assert {owner[r.aggregate_id] for r in rows_a} <= set(shards_a)
     assert {owner[r.aggregate_id] for r in rows_b} <= set(shards_b)
     # a third takes what is left, without waiting on the locks held by the other two
-    shards_c = await S.lock_shards(c, ready, 64)
-    assert set(shards_c) == set(ready) - set(shards_a) - set(shards_b)
-    assert await S.lock_shards(c, ready, 64) == shards_c  # re-locking own shards is fine
+    shards_c = await S.claim_shards(c, 0, store.SHARDS)
+    assert set(shards_c) == every - set(shards_a) - set(shards_b)
+    assert await S.claim_shards(c, 0, store.SHARDS) == shards_c  # re-claiming own shards is fine
     await c.rollback()
     # the first finishes: only its own rows become published
     await S.mark_published(a, [r.id for r in rows_a])
@@ -120,10 +121,11 @@ async def test_concurrent_lockers_get_disjoint_shards_and_rows(
     await b.rollback()
     published = {m for m, s in (await helpers.statuses(settings)).items() if s == "published"}
     assert published == {r.message_id for r in rows_a}
-    # b's shards are free again and their rows still new
+    # b's shards are free again and their rows still new; a's shards have no new row left
     await b.begin()
-    assert set(await S.lock_shards(b, ready, 64)) == set(ready)
-    again = await S.claim_rows(b, ready, 1000, MAX_BYTES)
+    left = await S.claim_shards(b, 0, store.SHARDS)
+    assert set(left) == every - set(shards_a) == await _new_shards(settings)
+    again = await S.claim_rows(b, list(left), 1000, MAX_BYTES)
     assert {r.id for r in again} == {r.id for r in rows_b} | {
         r[0] for r in await _new_rows(settings)
     }
@@ -134,13 +136,27 @@ async def _new_rows(settings: config.Settings) -> list[Any]:
     return await helpers.sql(settings, "SELECT id FROM outbox WHERE status = 'new'")
 
 
+async def _new_shards(settings: config.Settings) -> set[int]:
+    """The shards that have new rows, as the administrator sees them."""
+    rows = await helpers.sql(settings, "SELECT DISTINCT shard FROM outbox WHERE status = 'new'")
+    return {int(r[0]) for r in rows}
+
+
+def _aggregate_in(shard: int, prefix: str = "a-") -> str:
+    """An aggregate id of ``shard`` (the schema's ``CRC32(aggregate_id) % 64``)."""
+    return next(
+        f"{prefix}{i}"
+        for i in itertools.count()
+        if zlib.crc32(f"{prefix}{i}".encode()) % store.SHARDS == shard
+    )
+
+
 async def _claim_everything(conn: db.Connection) -> tuple[list[int], list[envelope.Row]]:
-    """One claim of every ready shard (up to 64) and up to 1,000 rows, rolled back: the shards
-    it locked, the rows it claimed."""
-    ready = await S.ready_shards(conn)
+    """One claim of every shard with new rows (up to 64) and up to 1,000 rows, rolled back: the
+    shards it locked, the rows it claimed."""
     await conn.begin()
-    shards = list(await S.lock_shards(conn, ready, 64))
-    rows = await S.claim_rows(conn, shards, 1000, MAX_BYTES)
+    shards = list(await S.claim_shards(conn, 0, store.SHARDS))
+    rows = await S.claim_rows(conn, shards, 1000, MAX_BYTES) if shards else []
     await conn.rollback()
     return shards, rows
 
@@ -169,61 +185,255 @@ async def test_claim_is_a_per_shard_prefix_in_id_order(
     assert [r.id for r in first] == oldest
 
 
-async def test_ready_shards_oldest_head_first_and_lock_wraps_around(
+async def test_claim_goes_up_from_start_then_wraps_around_taking_only_shards_with_new_rows(
     settings: config.Settings, conns: list[db.Connection]
 ) -> None:
-    # pick three aggregates in distinct shards and insert them newest-shard-first
-    candidates: dict[int, str] = {}
-    for i in range(200):
-        rows = await helpers.sql(settings, "SELECT MOD(CRC32(%s), 64)", [f"w-{i}"])
-        candidates.setdefault(int(rows[0][0]), f"w-{i}")
-    high, mid, low = sorted(candidates)[-1], sorted(candidates)[32], sorted(candidates)[0]
-    for shard in (mid, low, high):  # insertion order = head order
-        await helpers.write(settings, helpers.event(candidates[shard]))
+    """claim_shards takes shards from ``start`` up in shard order (not in the order their rows
+    came), then wraps around to the shards below ``start`` when it is still short; a shard
+    whose rows are all published is not taken, nor is any empty shard."""
+    low, mid, done, high = 3, 20, 30, 40
+    for shard in (high, low, mid):  # rows come newest shard first: the order plays no part
+        await helpers.write(settings, helpers.event(_aggregate_in(shard)))
+    (finished,) = await helpers.write(settings, helpers.event(_aggregate_in(done)))
+    await helpers.sql(
+        settings, "UPDATE outbox SET status = 'published' WHERE message_id = %s", [finished]
+    )
     conn = conns[0]
-    ready = await S.ready_shards(conn)
-    assert ready == [mid, low, high]
-    await conn.begin()
-    # from the oldest head (mid) upwards in shard order, then wrapping around to low
-    assert list(await S.lock_shards(conn, ready, 2)) == [mid, high]
-    await conn.rollback()
-    await conn.begin()
-    assert sorted(await S.lock_shards(conn, ready, 3)) == sorted([mid, high, low])  # all fit
-    await conn.rollback()
+    cases = [
+        (0, store.SHARDS, [low, mid, high]),  # only the shards with new rows, in shard order
+        (mid, 2, [mid, high]),  # from start up; full without wrapping around
+        (mid, 3, [mid, high, low]),  # short: wraps around to the shards below start
+        (mid + 1, 3, [high, low, mid]),
+        (high + 1, store.SHARDS, [low, mid, high]),  # nothing from start up: all from below
+        (mid, 1, [mid]),
+    ]
+    for start, limit, expected in cases:
+        await conn.begin()
+        owned = await S.claim_shards(conn, start, limit)
+        await conn.rollback()
+        assert list(owned.items()) == [(shard, 0) for shard in expected], (start, limit)
 
 
-async def test_uncommitted_rows_are_not_ready_nor_claimed(
+async def test_uncommitted_rows_are_neither_claimable_nor_claimed(
     settings: config.Settings, mariadb: MariaDB, database: str, conns: list[db.Connection]
 ) -> None:
     """SKIP LOCKED passes over rows of a writer transaction that has not committed yet: their
-    shard is not ready, and a claim of that shard (ready through a committed row of another
-    aggregate) skips them although they are older."""
+    shard is not claimable (and the idle look sees no work), and a claim of that shard
+    (claimable through a committed row of another aggregate) skips them although they are
+    older."""
     shard = zlib.crc32(b"pending") % store.SHARDS
-    neighbour = next(
-        f"n-{i}" for i in itertools.count() if zlib.crc32(f"n-{i}".encode()) % store.SHARDS == shard
-    )
+    neighbour = _aggregate_in(shard, "n-")
     conn = conns[0]
+    probe = await db.connect(settings)  # autocommit, as worker.Probe's
     service_a = mariadb.connect(database, autocommit=False)
     try:
         with service_a.cursor() as cur:
             writer.OutboxWriter().add_sync(cur, helpers.event("pending"))
-            assert await S.ready_shards(conn) == []  # the uncommitted row makes nothing ready
-            await conn.rollback()
-            await helpers.write(settings, helpers.event(neighbour))
-            ready = await S.ready_shards(conn)
-            assert ready == [shard]  # precondition: the pending row's shard is ready and claimed
             await conn.begin()
-            claimed = await S.claim_rows(conn, ready, 100, MAX_BYTES)
+            assert await S.claim_shards(conn, 0, store.SHARDS) == {}  # the row makes no claim
+            await conn.rollback()
+            assert not await S.has_work(probe)
+            await helpers.write(settings, helpers.event(neighbour))
+            assert await S.has_work(probe)
+            await conn.begin()
+            owned = await S.claim_shards(conn, 0, store.SHARDS)
+            assert list(owned) == [shard]  # precondition: the pending row's shard is claimed
+            claimed = await S.claim_rows(conn, list(owned), 100, MAX_BYTES)
             assert [r.aggregate_id for r in claimed] == [neighbour]
             await conn.rollback()
         service_a.commit()
     finally:
         service_a.close()
-    ready = await S.ready_shards(conn)
+        db.close(probe)
     await conn.begin()
-    claimed = await S.claim_rows(conn, ready, 100, MAX_BYTES)
+    owned = await S.claim_shards(conn, 0, store.SHARDS)
+    claimed = await S.claim_rows(conn, list(owned), 100, MAX_BYTES)
     assert [r.aggregate_id for r in claimed] == ["pending", neighbour]
     await conn.rollback()
+
+
+async def _nowait(conn: db.Connection, statement: str, *args: object) -> list[tuple[Any, ...]]:
+    """Run a locking read (``... NOWAIT``) on ``conn``; its rows."""
+    async with conn.cursor() as cur:
+        await cur.execute(statement, args or None)
+        return list(await cur.fetchall())
+
+
+LOCK_SHARD = "SELECT shard FROM outbox_shard WHERE shard = %s FOR UPDATE NOWAIT"
+
+
+async def test_claim_locks_only_the_shard_rows_it_returns(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    """While a claim is held, the shard rows it did not return are free (those its scan read and
+    rejected, the one past its limit, the ones it never reached), and so is every outbox row,
+    its own shards' rows included: the subqueries are plain reads. Only the shard rows it
+    returned are locked."""
+    for shard in (10, 12, 13):
+        await helpers.write(settings, *(helpers.event(_aggregate_in(shard), seq) for seq in (0, 1)))
+    (finished,) = await helpers.write(settings, helpers.event(_aggregate_in(11)))
+    await helpers.sql(
+        settings, "UPDATE outbox SET status = 'published' WHERE message_id = %s", [finished]
+    )
+    a, b = conns[:2]
+    await a.begin()
+    owned = await S.claim_shards(a, 0, 2)
+    assert list(owned) == [10, 12]  # shards 0 to 9 and 11 read and rejected; 13 past the limit
+    await b.begin()
+    for shard in (0, 9, 11, 13, 63):
+        assert await _nowait(b, LOCK_SHARD, shard) == [(shard,)], shard
+    new = await _nowait(b, "SELECT id FROM outbox WHERE status = 'new' FOR UPDATE NOWAIT")
+    assert len(new) == 6  # through ix_claim, a's shards' rows included
+    every = await _nowait(b, "SELECT shard FROM outbox FOR UPDATE NOWAIT")
+    assert sorted(r[0] for r in every) == [10, 10, 11, 12, 12, 13, 13]  # through the primary key
+    await b.rollback()
+    await b.begin()
+    for shard in owned:
+        with pytest.raises(pymysql.err.OperationalError) as locked:
+            await _nowait(b, LOCK_SHARD, shard)
+        assert locked.value.args[0] == 1205, shard  # ER_LOCK_WAIT_TIMEOUT (NOWAIT)
+    await b.rollback()
+    await a.rollback()
+
+
+async def _timed_hold(
+    settings: config.Settings, aggregate_id: str, shard: int, retry_in_s: int
+) -> None:
+    """A timed hold of an aggregate of ``shard``, due in ``retry_in_s`` (negative: due), with the
+    shard row counting it, as a worker leaves them (as the administrator)."""
+    await helpers.sql(
+        settings,
+        "INSERT INTO outbox_hold (aggregate_type, aggregate_id, shard, kind, reason, retry_at)"
+        " VALUES ('order', %s, %s, 'timed', 'test',"
+        " TIMESTAMPADD(SECOND, %s, CURRENT_TIMESTAMP(6)))",
+        [aggregate_id, shard, retry_in_s],
+    )
+    await helpers.sql(
+        settings,
+        "UPDATE outbox_shard SET holds = (SELECT COUNT(*) FROM outbox_hold WHERE shard = %s)"
+        " WHERE shard = %s",
+        [shard, shard],
+    )
+
+
+async def test_a_due_timed_hold_makes_its_shard_claimable_without_new_rows(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    """A shard whose timed hold is due is claimed (the worker opens the hold) though it has no
+    new row, its rows being held; a shard whose timed hold is not due yet is not."""
+    due, later = 7, 8
+    for shard in (due, later):
+        aggregate_id = _aggregate_in(shard, "h-")
+        (held,) = await helpers.write(settings, helpers.event(aggregate_id))
+        await helpers.sql(
+            settings, "UPDATE outbox SET status = 'held' WHERE message_id = %s", [held]
+        )
+        await _timed_hold(settings, aggregate_id, shard, -60 if shard == due else 3600)
+    conn = conns[0]
+    for start in (0, due, due + 1):  # from below, at it, and wrapping around to it
+        await conn.begin()
+        assert await S.claim_shards(conn, start, store.SHARDS) == {due: 1}, start
+        await conn.rollback()
+
+
+async def _in_transaction(conn: db.Connection) -> bool:
+    async with conn.cursor() as cur:
+        await cur.execute("SELECT @@in_transaction")
+        ((flag,),) = await cur.fetchall()
+    return bool(flag)
+
+
+async def _tables_free(settings: config.Settings) -> bool:
+    """Whether the administrator can take the outbox and hold tables for writing within a
+    second: not while a session's open transaction has read them (its metadata locks).
+    (INFORMATION_SCHEMA.INNODB_TRX does not show such a read-only READ COMMITTED transaction
+    on MariaDB.)"""
+    conn = await db.connect(helpers.as_admin(settings))
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute("SET SESSION lock_wait_timeout = 1")
+            try:
+                await cur.execute("LOCK TABLES outbox WRITE, outbox_hold WRITE")
+            except pymysql.err.OperationalError as exc:
+                if exc.args[0] != 1205:  # ER_LOCK_WAIT_TIMEOUT
+                    raise
+                return False
+            await cur.execute("UNLOCK TABLES")
+            return True
+    finally:
+        db.close(conn)
+
+
+async def test_has_work_sees_only_new_rows_and_due_holds_and_leaves_no_transaction(
+    settings: config.Settings,
+) -> None:
+    """The idle look: nothing on an empty table, nor with only published, failed or held rows
+    and holds not due; a new row or a due timed hold is work. On an autocommit connection it
+    leaves no transaction open and no lock, not even a metadata lock (the same look without
+    autocommit does leave both: the checks see them when they are there)."""
+    probe = await db.connect(settings)  # autocommit, as worker.Probe's
+    try:
+        assert await S.has_work(probe) is False  # empty
+        done, bad, held = await helpers.write(
+            settings, helpers.event("p-1"), helpers.event("f-1"), helpers.event("h-1")
+        )
+        for message_id, status in ((done, "published"), (bad, "failed"), (held, "held")):
+            await helpers.sql(
+                settings,
+                "UPDATE outbox SET status = %s WHERE message_id = %s",
+                [status, message_id],
+            )
+        await _timed_hold(settings, "h-1", zlib.crc32(b"h-1") % store.SHARDS, 3600)
+        assert await S.has_work(probe) is False  # no new row, no due hold
+        (new,) = await helpers.write(settings, helpers.event("n-1"))
+        assert await S.has_work(probe) is True
+        await helpers.sql(
+            settings, "UPDATE outbox SET status = 'published' WHERE message_id = %s", [new]
+        )
+        assert await S.has_work(probe) is False
+        await helpers.sql(
+            settings,
+            "UPDATE outbox_hold SET retry_at = TIMESTAMPADD(SECOND, -1, CURRENT_TIMESTAMP(6))",
+        )
+        assert await S.has_work(probe) is True  # only a due timed hold
+        assert not await _in_transaction(probe)
+        assert await _tables_free(settings)
+    finally:
+        db.close(probe)
+    conn = await db.connect(settings, autocommit=False)
+    try:
+        assert await S.has_work(conn) is True
+        assert await _in_transaction(conn)
+        assert not await _tables_free(settings)
+    finally:
+        db.close(conn)
+
+
+async def test_mark_published_with_commit_publishes_and_frees_the_shards_at_once(
+    settings: config.Settings, conns: list[db.Connection]
+) -> None:
+    """mark_published(commit=True), the common cycle's last call, commits: another session sees
+    the rows published right after, and the claimer's shards are free again (another claim
+    takes them), with no further call on the claimer's connection."""
+    await helpers.write(
+        settings, *(helpers.event(f"m-{i}", seq) for seq in range(3) for i in range(20))
+    )
+    a, b = conns[:2]
+    await a.begin()
+    owned = list(await S.claim_shards(a, 0, 4))
+    rows = await S.claim_rows(a, owned, 4, MAX_BYTES)  # each shard's oldest row: all keep more
+    assert len(owned) == len(rows) == 4
+    await b.begin()
+    assert not set(await S.claim_shards(b, 0, store.SHARDS)) & set(owned)  # a owns them
+    await b.rollback()
+    assert await S.mark_published(a, [r.id for r in rows], commit=True) == 4
+    # nothing more on a: the rows are published for everyone, a's shards free
+    published = {m for m, s in (await helpers.statuses(settings)).items() if s == "published"}
+    assert published == {r.message_id for r in rows}
+    await b.begin()
+    assert set(owned) <= set(await S.claim_shards(b, 0, store.SHARDS))
+    await b.rollback()
+    await S.ping(a)  # and a is in step: both results of the round trip were read
 
 
 def _count(mariadb: MariaDB, database: str) -> int:
@@ -286,10 +496,7 @@ async def test_writer_stores_event_time_in_utc(settings: config.Settings) -> Non
     await helpers.write(settings, helpers.event("t", event_time=when))
     conn = await db.connect(settings, autocommit=False)
     try:
-        ready = await S.ready_shards(conn)
-        await conn.begin()
-        (row,) = await S.claim_rows(conn, ready, 10, MAX_BYTES)
-        await conn.rollback()
+        _, (row,) = await _claim_everything(conn)
     finally:
         db.close(conn)
     assert row.event_us == int(when.timestamp() * 1_000_000)
@@ -357,15 +564,23 @@ async def _explain(
         return [dict(zip(columns, row, strict=True)) for row in await cur.fetchall()]
 
 
-def _assert_indexed(name: str, plan: list[dict[str, Any]], table_key: dict[str, str]) -> None:
+def _assert_indexed(
+    name: str,
+    plan: list[dict[str, Any]],
+    table_key: dict[str, str],
+    select_types: dict[str, str] | None = None,
+) -> None:
     """Each named table (alias) is read through the given index (``a|b``: either); no full
-    scan, no filesort."""
+    scan, no filesort; and a table of ``select_types`` is read by a step of that kind (e.g. a
+    DEPENDENT SUBQUERY: one dive per outer row, not a MATERIALIZED scan of the whole range)."""
     for step in plan:
         assert "filesort" not in (step["Extra"] or ""), (name, plan)
         if step["table"] in table_key:
             assert step["key"] in table_key[step["table"]].split("|"), (name, plan)
             assert step["type"] != "ALL", (name, plan)
-    assert {s["table"] for s in plan} >= set(table_key), (name, plan)
+        if select_types and step["table"] in select_types:
+            assert step["select_type"] == select_types[step["table"]], (name, plan)
+    assert {s["table"] for s in plan} >= set(table_key) | set(select_types or {}), (name, plan)
 
 
 async def _fill_published(settings: config.Settings, rows: int) -> None:
@@ -388,27 +603,44 @@ async def _fill_published(settings: config.Settings, rows: int) -> None:
     await helpers.sql(settings, "ANALYZE TABLE outbox")
 
 
-PLAN_CHECKS: list[tuple[str, dict[str, object], dict[str, str]]] = [
-    # (statement, parameters, {table or alias: index it must use}); none may sort
-    ("claim_shard_heads", {"shard": 7, "limit": 500}, {"outbox": "ix_claim"}),
+DEPENDENT = "DEPENDENT SUBQUERY"
+
+PLAN_CHECKS: list[tuple[str, dict[str, object], dict[str, str], dict[str, str]]] = [
+    # (statement, parameters, {table or alias: index it must use}, {table or alias: the kind
+    # of step reading it}); none may sort
+    (
+        "claim_shards",
+        {"low": 0, "high": store.SHARDS, "limit": 16},
+        {"s": "PRIMARY", "o": "ix_claim", "h": "ix_hold_due|ix_hold_shard"},
+        {"o": DEPENDENT, "h": DEPENDENT},
+    ),
+    (
+        "claim_shards",  # the wrap-around statement
+        {"low": 0, "high": 20, "limit": 4},
+        {"s": "PRIMARY", "o": "ix_claim", "h": "ix_hold_due|ix_hold_shard"},
+        {"o": DEPENDENT, "h": DEPENDENT},
+    ),
+    # one dive each: EXISTS stops at the first entry of status 'new' of either index
+    ("has_work", {}, {"outbox": "ix_claim|ix_clean", "outbox_hold": "ix_hold_due"}, {}),
+    ("claim_shard_heads", {"shard": 7, "limit": 500}, {"outbox": "ix_claim"}, {}),
     (
         "claim_union",
         {"limit": 32, "max_bytes": 1 << 24, **{f"shard__{i}": i for i in range(16)}},
         {"outbox": "ix_claim", "o": "PRIMARY"},
+        {},
     ),
-    ("due_holds", {"shards": (1, 2, 3)}, {"outbox_hold": "ix_hold_due"}),
-    ("holds_of", {"aggregate_ids": ("a", "b")}, {"outbox_hold": "PRIMARY"}),
-    ("park_rows", {"ids": (1, 2, 3)}, {"outbox": "PRIMARY"}),
+    ("due_holds", {"shards": (1, 2, 3)}, {"outbox_hold": "ix_hold_due"}, {}),
+    ("holds_of", {"aggregate_ids": ("a", "b")}, {"outbox_hold": "PRIMARY"}, {}),
+    ("park_rows", {"ids": (1, 2, 3)}, {"outbox": "PRIMARY"}, {}),
     (
         "unpark_aggregate",
         {"shard": 3, "aggregate_type": "order", "aggregate_id": "a"},
         {"outbox": "ix_claim|ix_clean"},  # either is a range over held rows only
+        {},
     ),
-    ("ready_shards", {}, {"o": "ix_claim", "s": "PRIMARY"}),
-    ("lock_shards", {"shards": tuple(range(10, 40)), "limit": 16}, {"outbox_shard": "PRIMARY"}),
-    ("backlog_oldest_age", {}, {"x": "ix_claim", "o": "PRIMARY"}),
-    ("expired_ids", {"retention_us": 1, "limit": 1000}, {"outbox": "ix_clean"}),
-    ("mark_published", {"ids": (1, 2, 3)}, {"outbox": "PRIMARY"}),
+    ("backlog_oldest_age", {}, {"x": "ix_claim", "o": "PRIMARY"}, {}),
+    ("expired_ids", {"retention_us": 1, "limit": 1000}, {"outbox": "ix_clean"}, {}),
+    ("mark_published", {"ids": (1, 2, 3)}, {"outbox": "PRIMARY"}, {}),
 ]
 
 
@@ -423,8 +655,8 @@ async def test_hot_queries_use_their_indexes(
     await helpers.sql(settings, "ANALYZE TABLE outbox")
     count = await helpers.sql(settings, "SELECT COUNT(*) FROM outbox")
     assert count[0][0] >= published_rows + 300
-    for name, params, keys in PLAN_CHECKS:
-        _assert_indexed(name, await _explain(conns[0], name, params), keys)
+    for name, params, keys, kinds in PLAN_CHECKS:
+        _assert_indexed(name, await _explain(conns[0], name, params), keys, kinds)
 
 
 @pytest.mark.slow
@@ -442,21 +674,26 @@ async def test_statements_raise_no_server_warnings(
 ) -> None:
     """filterwarnings=error turns MySQL warnings into failures; exercise every relay statement."""
     conn = conns[0]
-    await helpers.write(settings, helpers.event("w"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", pymysql.Warning)
-        await S.prepare_session(conn, lock_wait_timeout_s=1.5)
-        await S.ping(conn)
-        assert "MariaDB" in await S.server_version(conn)
-        ready = await S.ready_shards(conn)
-        await conn.begin()
-        shards = await S.lock_shards(conn, ready, 4)
-        rows = await S.claim_rows(conn, list(shards), 10, MAX_BYTES)
-        await S.mark_published(conn, [r.id for r in rows])
-        await conn.commit()
-        await S.backlog(conn, 10)
-        await S.routing_of_new_rows(conn, 10)
-        assert await S.delete_expired(conn, 0, 10) == 1
+    await helpers.write(settings, helpers.event("w"), helpers.event("w", 1))
+    probe = await db.connect(settings)  # autocommit, as worker.Probe's
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pymysql.Warning)
+            await S.prepare_session(conn, lock_wait_timeout_s=1.5)
+            await S.ping(conn)
+            assert "MariaDB" in await S.server_version(conn)
+            assert await S.has_work(probe)
+            await conn.begin()
+            shards = await S.claim_shards(conn, 1, 4)  # and its wrap-around statement
+            rows = await S.claim_rows(conn, list(shards), 10, MAX_BYTES)
+            assert len(rows) == 2
+            await S.mark_published(conn, [rows[0].id])
+            await S.mark_published(conn, [rows[1].id], commit=True)
+            await S.backlog(conn, 10)
+            await S.routing_of_new_rows(conn, 10)
+            assert await S.delete_expired(conn, 0, 10) == 2
+    finally:
+        db.close(probe)
 
 
 async def test_server_ends_a_silent_session_and_frees_its_shards(
@@ -465,17 +702,18 @@ async def test_server_ends_a_silent_session_and_frees_its_shards(
     """A relay that goes silent inside a cycle (a network black hole) must not keep its shards
     until wait_timeout (8 h): the session's idle timeout ends it, and another claimer gets the
     shard. (The relay sets publish_timeout_s and half as much again; 2 s here.)"""
+    await helpers.write(settings, helpers.event(_aggregate_in(5)))  # claim_shards wants work
     silent = await db.connect(settings, autocommit=False)
     try:
         await S.prepare_session(silent, lock_wait_timeout_s=1, idle_timeout_s=2)
-        assert list(await S.lock_shards(silent, [5], 1)) == [5]
+        assert list(await S.claim_shards(silent, 5, 1)) == [5]
         other = conns[0]
-        assert await S.lock_shards(other, [5], 1) == {}  # owned by the silent session
+        assert await S.claim_shards(other, 5, 1) == {}  # owned by the silent session
         await other.rollback()
         started = time.monotonic()
 
         async def taken_over() -> bool:
-            owned = await S.lock_shards(other, [5], 1)
+            owned = await S.claim_shards(other, 5, 1)
             if not owned:
                 await other.rollback()
             return bool(owned)

@@ -15,8 +15,6 @@ QUERY_NAMES = {
     "session_lock_wait",
     "session_idle_transaction_timeout",
     "session_wait_timeout",
-    "ready_shards",
-    "lock_shards",
     "claim_shards",
     "has_work",
     "claim_shard_heads",
@@ -200,7 +198,7 @@ def test_table_name_injection_is_rejected(name: str) -> None:
 def test_longest_table_name_leaves_room_for_shard_table() -> None:
     name = "a" * 58
     q = queries.load("queries.sql", name)
-    assert f"`{name}_shard`" in q["lock_shards"]
+    assert f"`{name}_shard`" in q["claim_shards"]
     assert len(f"{name}_shard") <= 64  # MySQL's identifier limit
 
 
