@@ -53,11 +53,10 @@ NODES = (1, 2, 3)
 PARTITIONS = 6
 REPLICATION = 3
 
-# The relays of every case: 2 processes x 2 workers x batches of 100 rows at most.
-PROCESSES = 2
+# The relays of every case: 2 processes (unless a case starts more) x 2 workers x batches of
+# 100 rows at most.
 WORKERS = 2
 BATCH_SIZE = 100
-DUPLICATES_PER_FAULT = PROCESSES * WORKERS * BATCH_SIZE
 SAMPLE_INTERVAL_S = 0.2
 RECOVERED_AGE_S = 1.0
 MONITOR_EVERY_S = 0.1
@@ -299,8 +298,14 @@ class Matrix:
 
     @property
     def observer(self) -> processes.RelayProcess:
-        """The relay whose ``/metrics`` the monitor reads."""
-        return self.relays[0]
+        """The relay whose ``/metrics`` the monitor reads: the first one alive (a relay may be
+        killed and replaced)."""
+        return next((r for r in self.relays if r.alive), self.relays[0])
+
+    @property
+    def duplicates_per_fault(self) -> int:
+        """The bound of one fault's duplicates: processes x workers x batch size."""
+        return len(self.relays) * WORKERS * BATCH_SIZE
 
     # -- monitor ---------------------------------------------------------------------------
 
@@ -377,7 +382,7 @@ class Matrix:
             recovered_at - fault.ended,
             self.peak_age_s(fault.started),
             self.scenario.tracker.duplicates - fault.duplicates_before,
-            fault.count * DUPLICATES_PER_FAULT,
+            fault.count * self.duplicates_per_fault,
             fault.figures,
         )
         self.records.append(record)
@@ -417,10 +422,14 @@ class Matrix:
 
     # -- the end ---------------------------------------------------------------------------
 
-    async def finish(self, title: str) -> stats.Summary:
+    async def finish(
+        self, title: str, lines: Sequence[str] | None = None, *, verdict: bool = True
+    ) -> stats.Summary:
         """Stop the writers; everything delivered and published; every relay (alive all the
-        while) stops with exit 0 and logged no error; the verdict (nothing lost or leaked, order
-        of first deliveries kept) is asserted; the case's records are written out."""
+        while, or since it replaced a killed one) stops with exit 0 and logged no error; the
+        verdict (nothing lost or leaked, order of first deliveries kept) is asserted unless
+        ``verdict`` is false (the caller asserts it after reporting more); the case's records
+        (or ``lines`` instead, e.g. one per fault kind) are written out."""
         s, service_b = self.scenario, self.stage.consumer
         await self.writers.stop()
         self.finished = True
@@ -435,11 +444,14 @@ class Matrix:
             for r in self.records
         )
         case_s = round(time.monotonic() - self.started)
-        await harness.verdict(
-            s, f"{self.case} [{title}]", summary, case_s=case_s, writers=self.writers.stats
-        )
-        write_results(self.case, f"{title}, {case_s} s", summary, self.records)
-        print(f"{self.case}: {faults}")  # noqa: T201 - the report
+        if verdict:
+            await harness.verdict(
+                s, f"{self.case} [{title}]", summary, case_s=case_s, writers=self.writers.stats
+            )
+        body = [r.line() for r in self.records] if lines is None else list(lines)
+        write_results(self.case, f"{title}, {case_s} s", summary, body)
+        if lines is None:
+            print(f"{self.case}: {faults}")  # noqa: T201 - the report
         return summary
 
 
@@ -496,7 +508,7 @@ async def matrix(
 # ------------------------------------------------------------------ the record
 
 
-def write_results(case: str, title: str, summary: stats.Summary, records: Sequence[Record]) -> None:
+def write_results(case: str, title: str, summary: stats.Summary, body: Sequence[str]) -> None:
     """With ``OUTBOX_FAULT_RECORD=1``: this case's lines replace its previous ones in
     ``benchmarks/results/fault-matrix.txt`` (the latest result of each case is kept)."""
     if os.environ.get(RECORD_ENV) != "1":
@@ -517,13 +529,15 @@ def write_results(case: str, title: str, summary: stats.Summary, records: Sequen
     ).stdout.strip()
     lines = [
         f"{case}: [{title}] {stamp} at {commit or '?'} (+ working tree) {summary.describe()}",
-        *(r.line() for r in records),
+        *(f"{case}: {line}" if not line.startswith(f"{case}:") else line for line in body),
     ]
     header = [
         "# Fault matrix (issue 8): the latest result of each case, rewritten by",
-        f"#   {RECORD_ENV}=1 .venv/bin/pytest tests/fault -k matrix -s",
-        "# 3-node KRaft cluster (RF 3, min ISR 2); 2 relay processes x 2 workers, batch 100;",
-        "# writers at 300 events/s. recovery_s: end of the fault until the relay's gauge",
+        f"#   {RECORD_ENV}=1 .venv/bin/pytest tests/fault -k 'matrix or kill9 or soak' -s",
+        "# (bash deploy/local/run-tests.sh --slow does it too).",
+        "# 3-node KRaft cluster (RF 3, min ISR 2); 2 relay processes (3 in f-relay-kill9) x 2",
+        "# workers, batch 100; writers at 300 events/s (500 in f-chaos-soak).",
+        "# recovery_s: end of the fault until the relay's gauge",
         "# outbox_relay_backlog_oldest_age_seconds < 1 s (sampled every 0.2 s);",
         "# duplicates: copies beyond the first per fault (bound: processes x workers x batch).",
     ]

@@ -6,7 +6,21 @@
 # bootstrap (packages, venv) -> servers up -> ruff check -> ruff format --check -> mypy -> pytest "$@".
 # Stops at the first failure. Leaves MariaDB and Kafka running afterwards
 # (stop them with: bash deploy/local/servers.sh down).
+#
+#   bash deploy/local/run-tests.sh --slow [pytest args...]
+#
+# The same steps, but pytest runs the fault suite only (-m fault, figures printed: -s) with the
+# 10-minute chaos soak (OUTBOX_SOAK_S=600 instead of CI's 120) and records the results under
+# benchmarks/results/: fault-matrix.txt (OUTBOX_FAULT_RECORD=1: the matrix, the kill -9 test and
+# the soak's table) and soak-600s.json + soak-600s.md (OUTBOX_SOAK_RESULTS). About 20 minutes.
+# It restarts the shared servers (test_broker_restart.py, test_db_restart.py) like the full run.
 set -euo pipefail
+
+slow=0
+if [ "${1:-}" = "--slow" ]; then
+    slow=1
+    shift
+fi
 
 # shellcheck source=deploy/local/lib.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
@@ -24,6 +38,14 @@ step "ruff format --check"
 .venv/bin/ruff format --check .
 step "mypy"
 .venv/bin/mypy
-step "pytest $*"
-.venv/bin/pytest "$@"
+if [ "$slow" = 1 ]; then
+    export OUTBOX_SOAK_S="${OUTBOX_SOAK_S:-600}"
+    export OUTBOX_SOAK_RESULTS="${OUTBOX_SOAK_RESULTS:-benchmarks/results}"
+    export OUTBOX_FAULT_RECORD=1
+    step "pytest -m fault -s $* (soak ${OUTBOX_SOAK_S} s; results in benchmarks/results)"
+    .venv/bin/pytest -m fault -s "$@"
+else
+    step "pytest $*"
+    .venv/bin/pytest "$@"
+fi
 log "all checks passed; MariaDB and Kafka are left running (bash deploy/local/servers.sh down)"
