@@ -183,18 +183,7 @@ def victim_setup(
 
 async def wait_victim_publishes(m: cluster.Matrix) -> float:
     """Until the victim's published counter rises; the seconds it took."""
-    victim = m.relays[1]
-    started = time.monotonic()
-    before = await victim.published()
-
-    async def moved() -> bool:
-        if not victim.alive:
-            raise AssertionError(f"the victim exited\n{victim.tail()}")
-        now = await victim.published()
-        return now is not None and before is not None and now > before
-
-    await polling.wait_until(moved, "the victim to publish", VICTIM_RECOVERY_S, 0.1)
-    return time.monotonic() - started
+    return await chaos.wait_moving(m.relays[1], VICTIM_RECOVERY_S)
 
 
 async def test_database_black_hole_longer_than_the_lock_wait(victim_setup: VictimSetup) -> None:
