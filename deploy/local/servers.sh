@@ -138,7 +138,7 @@ mariadb_init_datadir() {
 # a GRANT on a missing table fails, and `relay migrate` creates them (`relay demo
 # --relay-db-user relay`, as run-demo.sh runs it, grants them itself after migrating).
 mariadb_relay_table_grants() {
-    local table privileges host
+    local table privileges
     for table in outbox outbox_shard outbox_hold outbox_meta; do
         case "$table" in
             outbox) privileges="SELECT, UPDATE, DELETE" ;;
@@ -146,13 +146,19 @@ mariadb_relay_table_grants() {
             outbox_hold) privileges="SELECT, INSERT, UPDATE, DELETE" ;;
             outbox_meta) privileges="SELECT" ;;
         esac
-        if [ -n "$(mariadb_root -N -e "SELECT 1 FROM information_schema.tables
-            WHERE table_schema = 'outbox' AND table_name = '$table'")" ]; then
-            for host in % localhost; do
-                echo "GRANT $privileges ON \`outbox\`.\`$table\` TO '$MARIADB_USER'@'$host';"
-            done
-        fi
+        mariadb_grant_if_table "$privileges" "$table" "$MARIADB_USER"
     done
+}
+
+# GRANT <privileges> ON outbox.<table> TO <user> at both hosts, printed, if the table exists.
+mariadb_grant_if_table() {
+    local privileges="$1" table="$2" user="$3" host
+    if [ -n "$(mariadb_root -N -e "SELECT 1 FROM information_schema.tables
+        WHERE table_schema = 'outbox' AND table_name = '$table'")" ]; then
+        for host in % localhost; do
+            echo "GRANT $privileges ON \`outbox\`.\`$table\` TO '$user'@'$host';"
+        done
+    fi
 }
 
 mariadb_provision() {
@@ -188,12 +194,7 @@ SQL
             echo "REVOKE GRANT OPTION ON *.* FROM '$MARIADB_USER'@'$host';"
         done
         mariadb_relay_table_grants
-        if [ -n "$(mariadb_root -N -e "SELECT 1 FROM information_schema.tables
-            WHERE table_schema = 'outbox' AND table_name = 'outbox'")" ]; then
-            for host in % localhost; do
-                echo "GRANT INSERT ON \`outbox\`.\`outbox\` TO 'service_a'@'$host';"
-            done
-        fi
+        mariadb_grant_if_table INSERT outbox service_a
     } | mariadb_root
 }
 
