@@ -225,6 +225,14 @@ class Proxy:
         """Every connection, open or new, is reset (RST) ``after_ms`` after the toxic meets it."""
         return self.toxic("reset_peer", streams=("upstream",), timeout=after_ms)
 
+    async def cut(self) -> None:
+        """Cut every connection at once, with whatever a toxic still holds for them, and take
+        new ones again on the same address, without toxics: the proxy is deleted and made
+        again. (Disabling the proxy cuts too, but then removing a latency toxic that held data
+        of a cut connection can hang toxiproxy's API: Shopify/toxiproxy#558.)"""
+        await self.api.delete(self.name)
+        await self.api.create(self.name, self.upstream, self.listen)
+
     @contextlib.asynccontextmanager
     async def disabled(self) -> AsyncIterator[None]:
         await self.set_enabled(False)
