@@ -56,11 +56,8 @@ async def run(settings: config.Settings) -> list[Result]:
     except Exception as exc:
         if errors.classify(exc) is errors.Kind.BUG:
             raise
-        if isinstance(exc, errors.ConfigError):
-            results.append(Result("database", False, str(exc), config=True))
-        else:
-            what = "lost during the checks" if results else "cannot connect"
-            results.append(Result("database", False, f"{what}: {errors.one_line(exc)}"))
+        what = "lost during the checks" if results else "cannot connect"
+        results.append(Result("database", False, f"{what}: {errors.one_line(exc)}"))
     results += await _kafka(settings, routes)
     return results
 

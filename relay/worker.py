@@ -161,11 +161,7 @@ class Worker:
                     self._succeeded()
                     backoff.reset()
                     if not claimed:
-                        # Idle: wait for a wake-up, or look (the probe) at each poll tick.
-                        while not self._stop.is_set():
-                            notified = await self._waker.wait(ticks.next_s())
-                            if notified or self._stop.is_set() or await self._probe.has_work():
-                                break
+                        await self._wait_for_work(ticks)
                         continue
                     ticks.active()
                     if claimed < self._worker.batch_size:
@@ -179,6 +175,14 @@ class Worker:
             self._disconnect()
             if self._own_probe:
                 self._probe.close()
+
+    async def _wait_for_work(self, ticks: pacing.IdleTicks) -> None:
+        """Idle: until a wake-up, a stop, or a poll tick at which the probe finds work."""
+        while not self._stop.is_set():
+            if await self._waker.wait(ticks.next_s()) or self._stop.is_set():
+                return
+            if await self._probe.has_work():
+                return
 
     def _failed(self, reason: str, message: str) -> None:
         self.failures += 1
@@ -254,7 +258,7 @@ class Worker:
         if len(owned) == limit:
             # Maybe more shards have work than this worker took: wake another worker, and
             # start the next claim past the last shard taken (none waits behind busy ones).
-            self._start = (list(owned)[-1] + 1) % store.SHARDS
+            self._start = (next(reversed(owned)) + 1) % store.SHARDS
             self._waker.notify()
         else:
             self._start = 0  # every shard with work that nobody owned was taken

@@ -151,22 +151,22 @@ class FakeStore:
 
     # -- store.Claiming ----------------------------------------------------------------------
 
+    def _due(self, hold: dict[str, Any]) -> bool:
+        """A timed hold whose retry time has come."""
+        return hold["retry_at"] is not None and hold["retry_at"] <= self.now
+
     async def has_work(self, conn: FakeConnection) -> bool:
         self._check("has_work")
         self.looks += 1
         return any(r.status == "new" for r in self.rows.values()) or any(
-            h["retry_at"] is not None and h["retry_at"] <= self.now for h in self.hold_rows.values()
+            map(self._due, self.hold_rows.values())
         )
 
     async def claim_shards(self, conn: FakeConnection, start: int, limit: int) -> dict[int, int]:
         self._check("claim_shards")
         self.claims += 1
         ready = {r.row.shard for r in self.rows.values() if r.status == "new"}
-        ready.update(
-            h["shard"]
-            for h in self.hold_rows.values()
-            if h["retry_at"] is not None and h["retry_at"] <= self.now
-        )
+        ready.update(h["shard"] for h in self.hold_rows.values() if self._due(h))
         owned: dict[int, int] = {}
         for shard in [*range(start, store.SHARDS), *range(start)]:
             if len(owned) == limit:
@@ -185,7 +185,7 @@ class FakeStore:
             h["kind"],
             h["failed_id"],
             h["attempts"],
-            due=h["retry_at"] is not None and h["retry_at"] <= self.now,
+            due=self._due(h),
             open=h["kind"] == "timed" and h["retry_at"] is None,
         )
 
