@@ -125,10 +125,14 @@ class KafkaSettings(pydantic.BaseModel):
     ssl_keyfile: str | None = None
     ssl_key_password: pydantic.SecretStr | None = None
     ssl_check_hostname: bool = True
-    linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.002
+    # 0: a cycle hands the producer its whole batch at once, so waiting for more only adds
+    # latency (benchmarks/README.md, "producer linger and codec")
+    linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.0
     max_batch_bytes: Annotated[int, pydantic.Field(ge=16384)] = 524288
     max_request_bytes: Annotated[int, pydantic.Field(ge=1024)] = 1048576
-    compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "lz4"
+    # snappy: aiokafka compresses lz4 at level 9 (LZ4-HC), ~8x the CPU of snappy per record,
+    # and zstd builds a compression context per batch (costly for the small batches of a cycle)
+    compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "snappy"
     request_timeout_s: PositiveFloat = 10.0
     metadata_max_age_s: PositiveFloat = 60.0
 

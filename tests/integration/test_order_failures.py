@@ -139,7 +139,7 @@ def write_sync(mariadb: MariaDB, database: str, events: Sequence[writer.Event]) 
 
 
 def blob(size: int) -> str:
-    """``size`` characters that lz4 cannot shrink much (base64 of random bytes)."""
+    """``size`` characters that no codec can shrink much (base64 of random bytes)."""
     return base64.b64encode(os.urandom(size * 3 // 4)).decode()[:size]
 
 
