@@ -93,12 +93,26 @@ class Waker:
 
     Only one waiter at a time (the poller) waits with a timeout; the others wait for a
     notification, so an idle process polls the database once per interval, not once per worker.
+    Workers enlist while they run, so that one can tell whether another is busy (enlisted and
+    not waiting) and stand down (:meth:`rest`) instead of claiming the same trickle.
     """
 
     def __init__(self) -> None:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._pending = False
         self._polling = False
+        self._crew = 0
+
+    def enlist(self) -> None:
+        self._crew += 1
+
+    def dismiss(self) -> None:
+        self._crew -= 1
+
+    @property
+    def others_busy(self) -> bool:
+        """Whether, besides the caller (enlisted, not waiting), another worker is busy."""
+        return self._crew - len(self._waiters) > 1
 
     def notify(self) -> None:
         while self._waiters:
@@ -120,15 +134,23 @@ class Waker:
 
         Returns True if notified.
         """
+        poller = not self._polling
+        return await self._wait(timeout_s if poller else None, poller=poller)
+
+    async def rest(self, timeout_s: float) -> bool:
+        """Wait for a notification or ``timeout_s`` without taking the poller's role: a worker
+        that stood down while another one is busy. Returns True if notified."""
+        return await self._wait(timeout_s, poller=False)
+
+    async def _wait(self, timeout_s: float | None, *, poller: bool) -> bool:
         if self._pending:
             self._pending = False
             return True
-        poller = not self._polling
         self._polling = self._polling or poller
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(waiter, timeout_s if poller else None)
+            await asyncio.wait_for(waiter, timeout_s)
         except TimeoutError:
             return False
         finally:

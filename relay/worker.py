@@ -25,8 +25,12 @@ cycle back (rows stay new) and backs the worker off, up to ``backoff_max_s``; af
 ``unready_after_failed_cycles`` failed cycles in a row the worker reports not ready. After a
 mark step failed, each cycle first proves that marking works (an UPDATE matching no row) before
 it publishes again, so a revoked grant does not republish the batch at every retry. A bug
-propagates: the daemon stops with exit code 1. Pacing: after a claim the worker looks again
-after ``claim_linger_s``; when idle it waits for a wake-up or a poll tick
+propagates: the daemon stops with exit code 1. Pacing: after a full batch the worker claims
+again at once and calls another worker in; after a partial claim it looks again after
+``claim_linger_s``, unless its claim took every shard with work while another worker of the
+process is busy: then it stands down until called or for ``poll_interval_s`` (one worker
+carries a steady load in cycles half as many as two would run); when idle it waits for a
+wake-up or a poll tick
 (:class:`relay.pacing.IdleTicks`: ``poll_min_interval_s`` for about ``poll_interval_s`` after
 activity, then doubling up to ``poll_interval_s``); at a tick one
 cheap statement (:class:`Probe`) decides whether a cycle is worth running. Shutdown is an
@@ -124,6 +128,7 @@ class Worker:
         self._conn: db.Connection | None = None
         self._holds: list[store.Hold] = []  # of the shards owned in the current cycle
         self._start = 0  # the shard the next claim looks at first
+        self._took_all = False  # the last claim took every unowned shard with work
         self._mark_failed = False  # the last mark step failed: probe it before publishing
         self._log = log.bind(worker=name)
         self.published = 0
@@ -141,6 +146,7 @@ class Worker:
         """Cycle until the stop event is set. Expected failures back off; a bug propagates."""
         backoff = pacing.Backoff(self._worker.backoff_initial_s, self._worker.backoff_max_s)
         ticks = pacing.IdleTicks(self._worker.poll_min_interval_s, self._worker.poll_interval_s)
+        self._waker.enlist()
         try:
             while not self._stop.is_set():
                 try:
@@ -164,7 +170,16 @@ class Worker:
                         await self._wait_for_work(ticks)
                         continue
                     ticks.active()
-                    if claimed < self._worker.batch_size:
+                    if claimed >= self._worker.batch_size:
+                        self._waker.notify()  # more than a batch waits: share it out
+                    elif self._took_all and self._waker.others_busy:
+                        # This claim took every shard with work, and another worker is busy: it
+                        # takes what comes next. Standing down halves the cycles (and the CPU)
+                        # of a steady load; a busy worker's full claim calls this one back, and
+                        # it looks again after a poll interval at most (a stalled one is no
+                        # bottleneck).
+                        await self._waker.rest(self._worker.poll_interval_s)
+                    else:
                         # Look again soon, whether nudged or not: rows may have been committed
                         # meanwhile in shards another worker owned when this one looked. The
                         # linger lets a few more rows gather, like the producer's linger.
@@ -172,6 +187,7 @@ class Worker:
                     continue
                 await pacing.sleep_unless(self._stop, backoff.next_delay_s())
         finally:
+            self._waker.dismiss()
             self._disconnect()
             if self._own_probe:
                 self._probe.close()
@@ -255,7 +271,8 @@ class Worker:
         self._holds = []
         limit = self._worker.shards_per_claim
         owned = await self._store.claim_shards(conn, self._start, limit)
-        if len(owned) == limit:
+        self._took_all = len(owned) < limit
+        if not self._took_all:
             # Maybe more shards have work than this worker took: wake another worker, and
             # start the next claim past the last shard taken (none waits behind busy ones).
             self._start = (next(reversed(owned)) + 1) % store.SHARDS

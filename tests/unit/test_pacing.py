@@ -144,6 +144,39 @@ async def test_only_one_waiter_polls_the_others_wait_for_a_wake_up() -> None:
         assert await second is True
 
 
+async def test_a_resting_worker_leaves_the_poller_role_to_the_next_waiter() -> None:
+    waker = pacing.Waker()
+    resting = asyncio.create_task(waker.rest(LONG_S))
+    for _ in range(1000):
+        if waker._waiters:
+            break
+        await asyncio.sleep(0)
+    # the next idle worker still polls: it times out instead of waiting for a notification
+    async with asyncio.timeout(5):
+        assert await waker.wait(0.01) is False
+    assert not resting.done()
+    waker.notify()  # a busy worker's full claim calls the resting one back
+    async with asyncio.timeout(5):
+        assert await resting is True
+    async with asyncio.timeout(5):
+        assert await waker.rest(0.01) is False  # else it looks again after its timeout
+
+
+async def test_others_busy_counts_enlisted_workers_that_are_not_waiting() -> None:
+    waker = pacing.Waker()
+    waker.enlist()
+    assert not waker.others_busy  # alone
+    waker.enlist()
+    assert waker.others_busy  # the other one is cycling
+    (other,) = await _waiting(waker, 1)
+    assert not waker.others_busy  # the other one waits: nobody else takes new rows
+    waker.notify()
+    async with asyncio.timeout(5):
+        await other
+    waker.dismiss()
+    assert not waker.others_busy
+
+
 def test_idle_ticks_stay_short_for_about_a_poll_interval_after_activity_then_double() -> None:
     ticks = pacing.IdleTicks(0.01, 0.04)
     assert [ticks.next_s() for _ in range(3)] == [0.04] * 3  # never active: the long tick

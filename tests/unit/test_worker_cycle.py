@@ -340,3 +340,61 @@ async def test_an_idle_look_that_finds_a_new_row_runs_a_cycle() -> None:
     stop.set()
     await running
     assert store.claims >= 2
+
+
+async def test_a_worker_stands_down_while_another_is_busy_and_comes_back_when_called() -> None:
+    store, pub = fakes.FakeStore(), fakes.FakePublisher()
+    stop, waker = asyncio.Event(), pacing.Waker()
+    settings = _settings(poll_interval_s=60.0, claim_linger_s=0.0)
+    waker.enlist()  # another worker of the process, busy cycling (never waiting)
+    w = worker.Worker("w", settings, pub, stop, waker, store_=store, connect=store.aconnect)
+    first = store.insert("a")
+    running = asyncio.create_task(w.run())
+    try:
+        await _until(lambda: store.status(first.id) == "published", "the first row published")
+        await _until(lambda: len(waker._waiters) == 1, "the worker resting")
+        # its claim took every shard with work and the other worker is busy: it stands down
+        # (for up to a minute here) instead of claiming again after the linger, and leaves the
+        # poller's role free
+        assert (store.claims, waker._polling) == (1, False)
+        claims = store.claims
+        second = store.insert("b")
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert (store.claims, store.status(second.id)) == (claims, "new")
+        waker.notify()  # the busy worker's full claim calls it back
+        await _until(lambda: store.status(second.id) == "published", "the second row published")
+    finally:
+        stop.set()
+        waker.notify_all()
+        await running
+    waker.dismiss()
+    assert not waker.others_busy  # the worker left the crew when it stopped
+
+
+class CountingRests(pacing.Waker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rests = 0
+
+    async def rest(self, timeout_s: float) -> bool:
+        self.rests += 1
+        return await super().rest(timeout_s)
+
+
+async def test_a_lone_worker_never_stands_down() -> None:
+    store, pub = fakes.FakeStore(), fakes.FakePublisher()
+    stop, waker = asyncio.Event(), CountingRests()
+    settings = _settings(poll_interval_s=60.0, poll_min_interval_s=60.0, claim_linger_s=0.0)
+    w = worker.Worker("w", settings, pub, stop, waker, store_=store, connect=store.aconnect)
+    rows = [store.insert(agg) for agg in ("a", "b")]
+    running = asyncio.create_task(w.run())
+    try:
+        await _until(lambda: len(waker._waiters) == 1, "the worker idle")
+        # after its partial claim it looked again (and found nothing): no rest
+        assert [store.status(r.id) for r in rows] == ["published"] * 2
+        assert (waker.rests, store.claims) == (0, 2)
+    finally:
+        stop.set()
+        waker.notify_all()
+        await running
