@@ -109,7 +109,6 @@ class Waker:
     def dismiss(self) -> None:
         self._crew -= 1
 
-    @property
     def others_busy(self) -> bool:
         """Whether, besides the caller (enlisted, not waiting), another worker is busy."""
         return self._crew - len(self._waiters) > 1

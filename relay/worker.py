@@ -172,7 +172,7 @@ class Worker:
                     ticks.active()
                     if claimed >= self._worker.batch_size:
                         self._waker.notify()  # more than a batch waits: share it out
-                    elif self._took_all and self._waker.others_busy:
+                    elif self._took_all and self._waker.others_busy():
                         # This claim took every shard with work, and another worker is busy: it
                         # takes what comes next. Standing down halves the cycles (and the CPU)
                         # of a steady load; a busy worker's full claim calls this one back, and

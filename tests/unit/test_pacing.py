@@ -165,16 +165,16 @@ async def test_a_resting_worker_leaves_the_poller_role_to_the_next_waiter() -> N
 async def test_others_busy_counts_enlisted_workers_that_are_not_waiting() -> None:
     waker = pacing.Waker()
     waker.enlist()
-    assert not waker.others_busy  # alone
+    assert not waker.others_busy()  # alone
     waker.enlist()
-    assert waker.others_busy  # the other one is cycling
+    assert waker.others_busy()  # the other one is cycling
     (other,) = await _waiting(waker, 1)
-    assert not waker.others_busy  # the other one waits: nobody else takes new rows
+    assert not waker.others_busy()  # the other one waits: nobody else takes new rows
     waker.notify()
     async with asyncio.timeout(5):
         await other
     waker.dismiss()
-    assert not waker.others_busy
+    assert not waker.others_busy()
 
 
 def test_idle_ticks_stay_short_for_about_a_poll_interval_after_activity_then_double() -> None:

@@ -369,7 +369,7 @@ async def test_a_worker_stands_down_while_another_is_busy_and_comes_back_when_ca
         waker.notify_all()
         await running
     waker.dismiss()
-    assert not waker.others_busy  # the worker left the crew when it stopped
+    assert not waker.others_busy()  # the worker left the crew when it stopped
 
 
 class CountingRests(pacing.Waker):
