@@ -126,7 +126,7 @@ class KafkaSettings(pydantic.BaseModel):
     ssl_key_password: pydantic.SecretStr | None = None
     ssl_check_hostname: bool = True
     # 0: a cycle hands the producer its whole batch at once, so waiting for more only adds
-    # latency (benchmarks/README.md, "producer linger and codec")
+    # latency (benchmarks/README.md, "Results with the final design of issue 11")
     linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.0
     max_batch_bytes: Annotated[int, pydantic.Field(ge=16384)] = 524288
     max_request_bytes: Annotated[int, pydantic.Field(ge=1024)] = 1048576
