@@ -130,7 +130,7 @@ class KafkaSettings(pydantic.BaseModel):
     linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.0
     max_batch_bytes: Annotated[int, pydantic.Field(ge=16384)] = 524288
     max_request_bytes: Annotated[int, pydantic.Field(ge=1024)] = 1048576
-    # snappy: aiokafka compresses lz4 at level 9 (LZ4-HC), ~8x the CPU of snappy per record,
+    # snappy: aiokafka compresses lz4 at level 9 (LZ4-HC), ~7x the CPU of snappy per record,
     # and zstd builds a compression context per batch (costly for the small batches of a cycle)
     compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = "snappy"
     request_timeout_s: PositiveFloat = 10.0
