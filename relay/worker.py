@@ -171,8 +171,8 @@ class Worker:
                         continue
                     ticks.active()
                     if claimed >= self._worker.batch_size:
-                        self._waker.notify()  # more than a batch waits: share it out
-                    elif self._took_all and self._waker.others_busy():
+                        continue  # claim again at once (the claim called another worker in)
+                    if self._took_all and self._waker.others_busy():
                         # This claim took every shard with work, and another worker is busy: it
                         # takes what comes next. Standing down halves the cycles (and the CPU)
                         # of a steady load; a busy worker's full claim calls this one back, and
@@ -273,10 +273,9 @@ class Worker:
         owned = await self._store.claim_shards(conn, self._start, limit)
         self._took_all = len(owned) < limit
         if not self._took_all:
-            # Maybe more shards have work than this worker took: wake another worker, and
-            # start the next claim past the last shard taken (none waits behind busy ones).
+            # Maybe more shards have work than this worker took: start the next claim past the
+            # last shard taken (none waits behind busy ones).
             self._start = (next(reversed(owned)) + 1) % store.SHARDS
-            self._waker.notify()
         else:
             self._start = 0  # every shard with work that nobody owned was taken
         if not owned:
@@ -290,6 +289,8 @@ class Worker:
         rows = await self._store.claim_rows(
             conn, list(owned), self._worker.batch_size, self._worker.batch_max_bytes
         )
+        if not self._took_all or len(rows) >= self._worker.batch_size:
+            self._waker.notify()  # more work than this cycle takes: call another worker in
         if held:
             keys = {r.aggregate for r in rows if r.shard in held} - holds.keys()
             if keys:
