@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -72,11 +71,20 @@ async def unpublished_bytes(s: harness.Scenario) -> list[int]:
     return sizes
 
 
+async def back_at_work(s: harness.Scenario, piled: int, within_s: float = 0.9) -> None:
+    """The sub-second gap between chained stalls: until the relays publish again after a thaw
+    (the backlog, ``piled`` bytes at the thaw, shrinks), so that the next stall catches them
+    enqueueing what piled up; at most ``within_s``. A fixed gap let fast relays drain it all
+    first, and the chained stall then froze an idle relay."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and sum(await unpublished_bytes(s)) >= piled:
+        await harness.asyncio_sleep(0.02)  # a look at the backlog every 20 ms, bounded
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
 async def test_broker_frozen_twice_while_enqueueing_a_big_backlog(
     mariadb: MariaDB, database: str, tmp_path: Path, scenario: Scenario
 ) -> None:
-    rng = random.Random(database)
     async with private_kafka.broker(tmp_path / "kafka") as broker:
         s = await harness.scenario(
             mariadb, broker.kafka, database, HOT_AGGREGATES, event_bytes=EVENT_BYTES
@@ -97,9 +105,10 @@ async def test_broker_frozen_twice_while_enqueueing_a_big_backlog(
             started = time.monotonic()
             for group in range(scenario.groups):
                 await harness.asyncio_sleep(scenario.warmup_s)  # writing, broker up
+                piled = 0
                 for index in range(scenario.stalls_per_group):
                     if index:
-                        await harness.asyncio_sleep(rng.uniform(0.3, 0.9))  # the gap
+                        await back_at_work(s, piled)  # the gap
                     backlog = await unpublished_bytes(s)
                     stalls.append(
                         {"group": group, "at_s": round(time.monotonic() - started, 1)}
@@ -108,6 +117,7 @@ async def test_broker_frozen_twice_while_enqueueing_a_big_backlog(
                     broker.freeze()
                     try:
                         await harness.asyncio_sleep(scenario.stall_s)  # the stall itself
+                        piled = sum(await unpublished_bytes(s))
                     finally:
                         broker.thaw()
                     for relay in relays:
