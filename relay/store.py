@@ -197,6 +197,11 @@ class Store:
         shard_columns = await self._rows(conn, "table_columns", {"table": f"{self.table}_shard"})
         if "holds" not in {r[0] for r in shard_columns}:
             missing.append("shard_holds_v2")
+        stamp = await self._scalar(
+            conn, "column_default", {"table": self.table, "column": "published_at"}
+        )
+        if stamp is None or str(stamp).upper() == "NULL":  # MariaDB shows a NULL default as 'NULL'
+            missing.append("published_at_default")
         return missing
 
     async def schema_version(self, conn: Connection) -> int | None:

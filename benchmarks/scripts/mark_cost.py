@@ -5,12 +5,13 @@ It fills a scratch database ``outbox_mark_cost`` with 50,000 new rows of ~1.1 KB
 variant, then runs 30 claim (``claim_rows`` over 16 shards, ~1,000 rows) + UPDATE + COMMIT
 cycles, reading the server process's CPU time (so it must run on the database's machine).
 
-    .venv/bin/python benchmarks/scripts/mark_cost.py [variant:keep|noclean ...]
+    .venv/bin/python benchmarks/scripts/mark_cost.py [variant:keep|noclean|unstamped ...]
 
 Variants: ``full`` (the relay's mark_published), ``status-published_at`` (no attempts or
 last_error), ``status`` (status only: an update in place of the index entries), ``attempts``
-(attempts only: no index changes); ``noclean`` drops ix_clean first. Environment: MARK_COST_PORT
-(3307), MARK_COST_USER / MARK_COST_PASSWORD (relay_admin).
+(attempts only: no index changes); ``noclean`` drops ix_clean first, ``unstamped`` gives
+published_at no default (NULL until the mark, as before the ``published_at_default`` upgrade).
+Environment: MARK_COST_PORT (3307), MARK_COST_USER / MARK_COST_PASSWORD (relay_admin).
 """
 
 from __future__ import annotations
@@ -41,14 +42,16 @@ def server_cpu_s(server: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-def fill(cur: pymysql.cursors.Cursor, drop_clean: bool) -> None:
+def fill(cur: pymysql.cursors.Cursor, table: str) -> None:
     cur.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
     cur.execute(f"CREATE DATABASE {DATABASE}")
     cur.execute(f"USE {DATABASE}")
     for statement in store.Store("outbox").schema.statements.values():
         cur.execute(statement)
-    if drop_clean:
+    if table == "noclean":
         cur.execute("ALTER TABLE outbox DROP INDEX ix_clean")
+    elif table == "unstamped":  # tables created before published_at had a default
+        cur.execute("ALTER TABLE outbox ALTER COLUMN published_at SET DEFAULT NULL")
     for _ in range(ROWS // 10_000):
         cur.execute(
             "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, after_state)"
@@ -72,7 +75,7 @@ def main(variants: list[str]) -> None:
     claim = queries.nest(sql["claim_rows"], "{candidates}", heads)
     for variant in variants:
         update, _, indexes = variant.partition(":")
-        fill(cur, indexes == "noclean")
+        fill(cur, indexes)
         time.sleep(3)  # let the fill's background work settle
         claim_cpu = mark_cpu = 0.0
         rows = 0
@@ -98,5 +101,12 @@ def main(variants: list[str]) -> None:
 if __name__ == "__main__":
     main(
         sys.argv[1:]
-        or ["full:keep", "full:noclean", "status-published_at:keep", "status:keep", "attempts:keep"]
+        or [
+            "full:keep",
+            "full:unstamped",
+            "full:noclean",
+            "status-published_at:unstamped",
+            "status:keep",
+            "attempts:keep",
+        ]
     )

@@ -278,6 +278,11 @@ WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %(table)s
 SELECT COLUMN_NAME FROM information_schema.COLUMNS
 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %(table)s
 
+-- name: column_default
+-- NULL when the column has no default (or a NULL one).
+SELECT COLUMN_DEFAULT FROM information_schema.COLUMNS
+WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %(table)s AND COLUMN_NAME = %(column)s
+
 -- name: shard_rows
 SELECT COUNT(*) FROM {outbox_shard}
 

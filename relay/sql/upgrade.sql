@@ -17,3 +17,8 @@ ALTER TABLE {outbox}
 -- name: shard_holds_v2
 -- Version 1 -> 2: the number of held aggregates of each shard (0: the claim ignores holds).
 ALTER TABLE {outbox_shard} ADD COLUMN holds INT UNSIGNED NOT NULL DEFAULT 0
+
+-- name: published_at_default
+-- Version 2, tables created before published_at had a default: stamp new rows at insert, so that
+-- the mark updates published_at in place. A metadata-only change; old rows keep their NULL.
+ALTER TABLE {outbox} ALTER COLUMN published_at SET DEFAULT CURRENT_TIMESTAMP(6), ALGORITHM = INSTANT

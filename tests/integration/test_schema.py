@@ -63,7 +63,12 @@ async def test_migrate_upgrades_version_1_in_place_and_is_idempotent(
         await preflight.verify(settings)
     async with db.connection(helpers.as_migrate(settings)) as conn:  # README's migrate user
         steps = await store.Store("outbox").migrate(conn)
-        assert steps == ["outbox_statuses_v2", "outbox_resolved_v2", "shard_holds_v2"]
+        assert steps == [
+            "outbox_statuses_v2",
+            "outbox_resolved_v2",
+            "shard_holds_v2",
+            "published_at_default",
+        ]
         assert await store.Store("outbox").schema_version(conn) == store.SCHEMA_VERSION
         assert await store.Store("outbox").migrate(conn) == []  # idempotent
     kept = await helpers.sql(settings, "SELECT aggregate_id, status FROM outbox ORDER BY id")
@@ -74,6 +79,22 @@ async def test_migrate_upgrades_version_1_in_place_and_is_idempotent(
     await helpers.sql(settings, "UPDATE outbox SET status = 'held' WHERE aggregate_id = 'n'")
     holds = await helpers.sql(settings, "SELECT holds FROM outbox_shard WHERE shard = 0")
     assert holds == [(0,)]
+
+
+async def test_migrate_gives_published_at_its_default_in_place(settings: config.Settings) -> None:
+    """A version 2 table from before published_at had a default gets one (metadata only: the
+    upgrade says ALGORITHM = INSTANT), old rows keep their NULL and new rows are stamped."""
+    await helpers.migrate(settings)
+    await helpers.sql(settings, "ALTER TABLE outbox ALTER COLUMN published_at SET DEFAULT NULL")
+    await helpers.write(settings, helpers.event("old", 0))
+    async with db.connection(helpers.as_migrate(settings)) as conn:
+        assert await store.Store("outbox").migrate(conn) == ["published_at_default"]
+        assert await store.Store("outbox").migrate(conn) == []
+    await helpers.write(settings, helpers.event("new", 0))
+    stamps = await helpers.sql(
+        settings, "SELECT aggregate_id, published_at = event_time FROM outbox ORDER BY id"
+    )
+    assert stamps == [("old", None), ("new", 1)]
 
 
 async def test_fresh_install_records_the_version(settings: config.Settings) -> None:

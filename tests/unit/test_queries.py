@@ -58,6 +58,7 @@ QUERY_NAMES = {
     "current_grants",
     "schema_version",
     "column_type",
+    "column_default",
     "table_names",
     "topics_of_new_rows",
 }
@@ -69,7 +70,12 @@ SCHEMA_NAMES = {
     "create_outbox_meta",
     "record_schema_version",
 }
-UPGRADE_NAMES = {"outbox_statuses_v2", "outbox_resolved_v2", "shard_holds_v2"}
+UPGRADE_NAMES = {
+    "outbox_statuses_v2",
+    "outbox_resolved_v2",
+    "shard_holds_v2",
+    "published_at_default",
+}
 
 
 def test_expected_names_exist() -> None:
