@@ -5,12 +5,14 @@ It fills a scratch database ``outbox_mark_cost`` with 50,000 new rows of ~1.1 KB
 variant, then runs 30 claim (``claim_rows`` over 16 shards, ~1,000 rows) + UPDATE + COMMIT
 cycles, reading the server process's CPU time (so it must run on the database's machine).
 
-    .venv/bin/python benchmarks/scripts/mark_cost.py [variant:keep|noclean|unstamped ...]
+    .venv/bin/python benchmarks/scripts/mark_cost.py [variant:keep|noclean|unstamped|minimal ...]
 
 Variants: ``full`` (the relay's mark_published), ``status-published_at`` (no attempts or
 last_error), ``status`` (status only: an update in place of the index entries), ``attempts``
 (attempts only: no index changes); ``noclean`` drops ix_clean first, ``unstamped`` gives
-published_at no default (NULL until the mark, as before the ``published_at_default`` upgrade).
+published_at no default (NULL until the mark, as before the ``published_at_default`` upgrade),
+``minimal`` logs the claim and mark with ``binlog_row_image = MINIMAL`` (the server's default
+here is FULL: whole rows, before and after).
 Environment: MARK_COST_PORT (3307), MARK_COST_USER / MARK_COST_PASSWORD (relay_admin).
 """
 
@@ -76,6 +78,8 @@ def main(variants: list[str]) -> None:
     for variant in variants:
         update, _, indexes = variant.partition(":")
         fill(cur, indexes)
+        image = "MINIMAL" if indexes == "minimal" else "FULL"
+        cur.execute("SET SESSION binlog_row_image = %s", (image,))
         time.sleep(3)  # let the fill's background work settle
         claim_cpu = mark_cpu = 0.0
         rows = 0
@@ -103,6 +107,7 @@ if __name__ == "__main__":
         sys.argv[1:]
         or [
             "full:keep",
+            "full:minimal",
             "full:unstamped",
             "full:noclean",
             "status-published_at:unstamped",
