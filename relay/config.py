@@ -201,7 +201,7 @@ class WorkerSettings(pydantic.BaseModel):
     shards_per_claim: Annotated[int, pydantic.Field(ge=1, le=64)] = 16
     poll_interval_s: PositiveFloat = 0.1
     poll_min_interval_s: PositiveFloat = 0.005
-    claim_linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.005
+    claim_linger_s: Annotated[float, pydantic.Field(ge=0)] = 0.002
     publish_timeout_s: PositiveFloat = 15.0
     backoff_initial_s: PositiveFloat = 0.1
     backoff_max_s: PositiveFloat = 5.0
