@@ -180,14 +180,15 @@ class Store:
                 for name, statement in self.schema.statements.items():
                     if name != "record_schema_version":
                         await cur.execute(statement)
-                for name in await self._missing_upgrades(conn):
+                for name in await self.missing_upgrades(conn):
                     await cur.execute(self.upgrades[name])
                     steps.append(name)
                 await cur.execute(self.schema["record_schema_version"])
         await conn.commit()
         return steps
 
-    async def _missing_upgrades(self, conn: Connection) -> list[str]:
+    async def missing_upgrades(self, conn: Connection) -> list[str]:
+        """The upgrade steps (upgrade.sql) an existing schema still lacks, in order."""
         status = await self._scalar(conn, "column_type", {"table": self.table, "column": "status"})
         missing = []
         if "'skipped'" not in str(status):

@@ -87,6 +87,9 @@ async def test_migrate_gives_published_at_its_default_in_place(settings: config.
     await helpers.migrate(settings)
     await helpers.sql(settings, "ALTER TABLE outbox ALTER COLUMN published_at SET DEFAULT NULL")
     await helpers.write(settings, helpers.event("old", 0))
+    tips = [r for r in await preflight.run(settings) if r.name == "upgrade"]
+    assert [(r.ok, r.warn) for r in tips] == [(True, True)]  # `relay check` says so
+    assert "run `relay migrate`" in tips[0].detail
     async with db.connection(helpers.as_migrate(settings)) as conn:
         assert await store.Store("outbox").migrate(conn) == ["published_at_default"]
         assert await store.Store("outbox").migrate(conn) == []
@@ -95,6 +98,7 @@ async def test_migrate_gives_published_at_its_default_in_place(settings: config.
         settings, "SELECT aggregate_id, published_at = event_time FROM outbox ORDER BY id"
     )
     assert stamps == [("old", None), ("new", 1)]
+    assert not [r for r in await preflight.run(settings) if r.name == "upgrade"]
 
 
 async def test_fresh_install_records_the_version(settings: config.Settings) -> None:
