@@ -21,6 +21,7 @@ import structlog
 
 from relay import (
     backlog,
+    binlog,
     cleaner,
     config,
     db,
@@ -129,6 +130,9 @@ class App:
                 )
                 self._spawn("backlog", sampler.run())
                 self._spawn("health", pacing.periodic("health", self.stop, 1.0, self._health))
+                if self.settings.wakeup.binlog:
+                    follower = binlog.Follower(self.settings, self.waker, self.stop)
+                    self._spawn("binlog", follower.run())
                 log.info("relay_started")
                 exit_code = await self._supervise()
         finally:

@@ -250,11 +250,13 @@ class BacklogSettings(pydantic.BaseModel):
 
 
 class WakeupSettings(pydantic.BaseModel):
-    """Optional UDP port on which writers nudge the relay right after a commit."""
+    """Optional wake-ups right after a commit: a UDP port on which writers nudge the relay
+    (``enabled``), and/or the server's binary log followed like a replica (``binlog``)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
     enabled: bool = False
+    binlog: bool = False
     host: str = "127.0.0.1"  # a sidecar's writers; "0.0.0.0" for writers in other pods
     port: ListenPort = 9109
     min_interval_s: Annotated[float, pydantic.Field(ge=0)] = 0.01

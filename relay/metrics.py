@@ -103,6 +103,9 @@ cleaner_runs = prometheus_client.Counter(
     ["result"],
 )
 wakeups = prometheus_client.Counter(f"{PREFIX}_wakeups", "Wake-up datagrams received from writers.")
+binlog_commits = prometheus_client.Counter(
+    f"{PREFIX}_binlog_commits", "Commits of outbox inserts seen in the binary log (wake-ups)."
+)
 loop_errors = prometheus_client.Counter(
     f"{PREFIX}_loop_errors",
     "Unexpected errors caught and survived by a background loop, by loop.",

@@ -99,6 +99,9 @@ class Waker:
 
     def __init__(self) -> None:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Wake-ups come with every commit (the binary log is followed): a worker that took all
+        # the work waits for the next one instead of looking again, and idle ticks are long.
+        self.pushing = False
         self._pending = False
         self._polling = False
         self._crew = 0
@@ -158,3 +161,34 @@ class Waker:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
         return True
+
+
+class Nudges:
+    """Wake one worker per nudge, at most once per ``min_interval_s``: a burst or a flood is
+    coalesced into one wake-up at the end of the interval (writers' datagrams, binlog commits)."""
+
+    def __init__(self, waker: Waker, min_interval_s: float) -> None:
+        self._waker = waker
+        self._min_interval_s = min_interval_s
+        self._last = float("-inf")
+        self._timer: asyncio.TimerHandle | None = None
+
+    def nudge(self) -> None:
+        if self._timer is not None:
+            return  # a wake-up is already due at the end of the interval
+        loop = asyncio.get_running_loop()
+        wait_s = self._last + self._min_interval_s - loop.time()
+        if wait_s <= 0:
+            self._fire()
+        else:
+            self._timer = loop.call_later(wait_s, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._last = asyncio.get_running_loop().time()
+        self._waker.notify()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

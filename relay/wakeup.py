@@ -20,30 +20,14 @@ PAYLOAD = b"outbox"
 
 class _Protocol(asyncio.DatagramProtocol):
     def __init__(self, waker: pacing.Waker, min_interval_s: float) -> None:
-        self._waker = waker
-        self._min_interval_s = min_interval_s
-        self._last = float("-inf")
-        self._timer: asyncio.TimerHandle | None = None
+        self._nudges = pacing.Nudges(waker, min_interval_s)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         metrics.wakeups.inc()
-        if self._timer is not None:
-            return  # a wake-up is already due at the end of the interval
-        loop = asyncio.get_running_loop()
-        wait_s = self._last + self._min_interval_s - loop.time()
-        if wait_s <= 0:
-            self._fire()
-        else:
-            self._timer = loop.call_later(wait_s, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._last = asyncio.get_running_loop().time()
-        self._waker.notify()
+        self._nudges.nudge()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._nudges.close()
 
 
 class Listener:

@@ -29,10 +29,12 @@ propagates: the daemon stops with exit code 1. Pacing: after a full batch the wo
 again at once and calls another worker in; after a partial claim it looks again after
 ``claim_linger_s``, unless its claim took every shard with work while another worker of the
 process is busy: then it stands down until called or for ``poll_interval_s`` (one worker
-carries a steady load in cycles half as many as two would run); when idle it waits for a
-wake-up or a poll tick
+carries a steady load in cycles half as many as two would run), or while the binary log is
+followed (:mod:`relay.binlog`: every commit wakes a worker): then it waits as an idle worker
+does; when idle it waits for a wake-up or a poll tick
 (:class:`relay.pacing.IdleTicks`: ``poll_min_interval_s`` for about ``poll_interval_s`` after
-activity, then doubling up to ``poll_interval_s``); at a tick one
+activity, then doubling up to ``poll_interval_s``; ``poll_interval_s`` while the binary log is
+followed); at a tick one
 cheap statement (:class:`Probe`) decides whether a cycle is worth running. Shutdown is an
 event: the cycle in flight ends normally; the mark-and-commit step is never interrupted by a
 cancellation.
@@ -172,6 +174,11 @@ class Worker:
                     ticks.active()
                     if claimed >= self._worker.batch_size:
                         continue  # claim again at once (the claim called another worker in)
+                    if self._took_all and self._waker.pushing:
+                        # every shard with work was taken, and each commit from now on wakes
+                        # a worker (one during this cycle already has): no need to look again
+                        await self._wait_for_work(ticks)
+                        continue
                     if self._took_all and self._waker.others_busy():
                         # This claim took every shard with work, and another worker is busy: it
                         # takes what comes next. Standing down halves the cycles (and the CPU)
@@ -195,7 +202,8 @@ class Worker:
     async def _wait_for_work(self, ticks: pacing.IdleTicks) -> None:
         """Idle: until a wake-up, a stop, or a poll tick at which the probe finds work."""
         while not self._stop.is_set():
-            if await self._waker.wait(ticks.next_s()) or self._stop.is_set():
+            tick_s = self._worker.poll_interval_s if self._waker.pushing else ticks.next_s()
+            if await self._waker.wait(tick_s) or self._stop.is_set():
                 return
             if await self._probe.has_work():
                 return

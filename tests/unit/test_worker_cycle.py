@@ -398,3 +398,26 @@ async def test_a_lone_worker_never_stands_down() -> None:
         stop.set()
         waker.notify_all()
         await running
+
+
+async def test_while_the_binary_log_is_followed_a_worker_waits_for_the_next_commit() -> None:
+    store, pub = fakes.FakeStore(), fakes.FakePublisher()
+    stop, waker = asyncio.Event(), CountingRests()
+    waker.pushing = True  # as relay.binlog.Follower sets it while it streams
+    settings = _settings(poll_interval_s=60.0, poll_min_interval_s=0.001, claim_linger_s=0.0)
+    w = worker.Worker("w", settings, pub, stop, waker, store_=store, connect=store.aconnect)
+    first = store.insert("a")
+    running = asyncio.create_task(w.run())
+    try:
+        await _until(lambda: len(waker._waiters) == 1, "the worker idle")
+        # its claim took all the work: no second look, no idle look at the 1 ms ticks
+        assert store.status(first.id) == "published"
+        assert (store.claims, store.looks) == (1, 0)
+        later = store.insert("b")
+        waker.notify()  # the commit, seen in the binary log
+        await _until(lambda: store.status(later.id) == "published", "the next row published")
+        assert store.claims == 2
+    finally:
+        stop.set()
+        waker.notify_all()
+        await running
