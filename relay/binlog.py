@@ -120,11 +120,12 @@ class Follower:
 
     async def _follow(self) -> None:
         self._conn = conn = await db.connect(self._settings)
-        position = await self._position(conn)
-        async with conn.cursor() as cur:
-            await cur.execute("SET @master_binlog_checksum = @@global.binlog_checksum")
-            await cur.execute("SET @mariadb_slave_capability = 4")  # MariaDB: GTID-aware
-            await cur.execute("SET @master_heartbeat_period = %s", (int(HEARTBEAT_S * 1e9),))
+        async with asyncio.timeout(self._settings.db.call_timeout_s):  # the stream is dropped
+            position = await self._position(conn)
+            async with conn.cursor() as cur:
+                await cur.execute("SET @master_binlog_checksum = @@global.binlog_checksum")
+                await cur.execute("SET @mariadb_slave_capability = 4")  # MariaDB: GTID-aware
+                await cur.execute("SET @master_heartbeat_period = %s", (int(HEARTBEAT_S * 1e9),))
         server_id = random.randint(1 << 30, (1 << 31) - 1)  # noqa: S311 - not a secret
         file, offset = position
         # aiomysql has no public binlog API: its command and packet layer, as PyMySQL-based
