@@ -85,7 +85,11 @@ class Follower:
         self._stop = stop
         self._conn: Any = None
         self._last_packet = 0.0
-        self.following = False  # streaming from the current position (for tests and logs)
+
+    @property
+    def following(self) -> bool:
+        """Streaming from the current position: the workers rely on its wake-ups meanwhile."""
+        return self._waker.pushing
 
     async def run(self) -> None:
         backoff = pacing.Backoff(1.0, 60.0)
@@ -136,7 +140,7 @@ class Follower:
         events = Events(self._settings.db.name, self._settings.outbox.table)
         self._last_packet = time.monotonic()
         log.info("binlog_following", file=file, position=offset)
-        self.following = self._waker.pushing = True
+        self._waker.pushing = True
         try:
             while not self._stop.is_set():
                 packet = await conn._read_packet()
@@ -145,7 +149,7 @@ class Follower:
                     metrics.binlog_commits.inc()
                     self._nudges.nudge()
         finally:
-            self.following = self._waker.pushing = False
+            self._waker.pushing = False
 
     @staticmethod
     async def _position(conn: Any) -> tuple[str, int]:
@@ -174,6 +178,5 @@ class Follower:
                 self._close()
 
     def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        db.close(self._conn)
+        self._conn = None
