@@ -27,6 +27,9 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
 cd "$REPO_ROOT"
 
 step() { log "==> $*"; }
+# Free space where the servers and the tests write (a full disk fails tests in confusing ways).
+disk_free() { log "disk free: $(df -Ph "$REPO_ROOT" | awk 'NR == 2 {print $4}') under $REPO_ROOT, $(df -Ph "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}') under ${TMPDIR:-/tmp}"; }
+trap 'rc=$?; [ "$rc" = 0 ] || disk_free; exit "$rc"' EXIT
 
 step "bootstrap"
 bash deploy/local/bootstrap.sh
@@ -38,6 +41,7 @@ step "ruff format --check"
 .venv/bin/ruff format --check .
 step "mypy"
 .venv/bin/mypy
+disk_free
 if [ "$slow" = 1 ]; then
     export OUTBOX_SOAK_S="${OUTBOX_SOAK_S:-600}"
     export OUTBOX_SOAK_RESULTS="${OUTBOX_SOAK_RESULTS:-benchmarks/results}"

@@ -23,6 +23,7 @@ MARIADB_PORT="${OUTBOX_MARIADB_PORT:-3307}"
 MARIADB_DIR="$STATE_DIR/mariadb"
 MARIADB_DATA="$MARIADB_DIR/data"
 MARIADB_SOCKET="$RUN_DIR/mariadb.sock"
+MARIADB_TMP="$MARIADB_DIR/tmp" # its temporary files (big transactions' binlog caches, sorts)
 MARIADB_PID="$RUN_DIR/mariadb.pid"
 MARIADB_LOG="$LOG_DIR/mariadb.log"
 # dev-only users, documented in deploy/local/README.md (mariadb_provision creates them):
@@ -200,7 +201,7 @@ SQL
 
 mariadb_up() {
     local started=0
-    mkdir -p "$MARIADB_DIR" "$LOG_DIR" "$RUN_DIR"
+    mkdir -p "$MARIADB_DIR" "$MARIADB_TMP" "$LOG_DIR" "$RUN_DIR"
     if pid_alive "$MARIADB_PID" "$MARIADB_DATA"; then
         if mariadb_root -N -e 'SELECT 1' >/dev/null 2>&1; then
             mariadb_provision # converges the users of a server provisioned by an older script
@@ -223,6 +224,9 @@ mariadb_up() {
         mariadbd="$(mariadbd_path)"
         log "mariadb: starting $mariadbd on 127.0.0.1:$MARIADB_PORT (log: $MARIADB_LOG)"
         # --no-defaults: ignore /etc/mysql (the machine's service config); everything is explicit.
+        # The binary log (RELAY_WAKEUP__BINLOG follows it) in 16 MB files purged after 60 s: a full
+        # test run writes over 1 GB of them. Temporary files (the binlog cache of a big
+        # transaction, sorts) under the state dir, not /tmp.
         # setsid: own session, so Ctrl-C / signals to the caller's process group (e.g. pytest
         # that auto-started the server) do not reach the server.
         # shellcheck disable=SC2046
@@ -231,7 +235,9 @@ mariadb_up() {
             --bind-address=127.0.0.1 --port="$MARIADB_PORT" --skip-name-resolve \
             --log-error="$MARIADB_LOG" \
             --ssl-ca="$CERTS_DIR/ca.pem" --ssl-cert="$CERTS_DIR/server.pem" --ssl-key="$CERTS_DIR/server.key" \
-            --server-id=1 --log-bin=mariadb-bin --binlog-format=ROW --binlog-expire-logs-seconds=86400 \
+            --tmpdir="$MARIADB_TMP" \
+            --server-id=1 --log-bin=mariadb-bin --binlog-format=ROW \
+            --max-binlog-size=16M --binlog-expire-logs-seconds=60 \
             --innodb-buffer-pool-size=256M --innodb-flush-log-at-trx-commit=1 \
             --max-connections=500 \
             --character-set-server=utf8mb4 --collation-server=utf8mb4_unicode_ci \
