@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVERS_SH = REPO_ROOT / "deploy" / "local" / "servers.sh"
+ER_LOG_IN_USE = 1378  # MariaDB: "A purgeable log is in use, will not purge"
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -203,6 +204,23 @@ def drop_database(server: MariaDB, name: str) -> None:
     rows of ``mysql.tables_priv``)."""
     revoke_relay(server, name)
     server_sql(server, f"DROP DATABASE IF EXISTS `{name}`")
+    purge_binary_logs(server)
+
+
+def purge_binary_logs(server: MariaDB) -> None:
+    """Start a new binary log file and delete the older ones: what a test wrote (a big-row test
+    writes hundreds of MB) leaves the disk with it. The server's own expiry only purges when a
+    file fills up. A file that a binary log follower is still reading is kept (the server
+    refuses to purge it: then nothing is purged this time)."""
+    if not server_sql(server, "SELECT @@log_bin")[0][0]:
+        return
+    server_sql(server, "FLUSH BINARY LOGS")
+    current = server_sql(server, "SHOW MASTER STATUS")[0][0]
+    try:
+        server_sql(server, "PURGE BINARY LOGS TO %s", current)
+    except pymysql.MySQLError as exc:
+        if exc.args[0] != ER_LOG_IN_USE:
+            raise
 
 
 # README.md ("Grants"): the daemon's privileges, per table suffix of the outbox table.
