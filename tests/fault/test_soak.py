@@ -61,7 +61,7 @@ SHAPE = cluster.Shape(aggregates=500, writer_tasks=16, rate=RATE, warmup_events=
 # The writers must keep the relays under load. On a quiet machine they reach the rate less the
 # few per cent that faults stopping them (MariaDB down) cost: 488 events/s in the 10-minute run of
 # benchmarks/results/soak-600s.md. The writers, MariaDB, three brokers and two relays share two
-# cores, though, and on a slow day (2026-12-07: a pure-Python loop 2-3x slower, the machine 95%
+# cores, though, and on a slow day (2026-12-07: a pure-Python loop up to 2x slower, the machine 95%
 # busy) five 60-120 s runs reached 240-300 events/s with every other check passing; 40% of the
 # rate still loads the relays while not failing CI on the machine's speed.
 MIN_RATE_RATIO = 0.4
