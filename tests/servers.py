@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import subprocess
@@ -212,15 +213,18 @@ def purge_binary_logs(server: MariaDB) -> None:
     writes hundreds of MB) leaves the disk with it. The server's own expiry only purges when a
     file fills up. A file that a binary log follower is still reading is kept (the server
     refuses to purge it: then nothing is purged this time)."""
-    if not server_sql(server, "SELECT @@log_bin")[0][0]:
-        return
-    server_sql(server, "FLUSH BINARY LOGS")
-    current = server_sql(server, "SHOW MASTER STATUS")[0][0]
-    try:
-        server_sql(server, "PURGE BINARY LOGS TO %s", current)
-    except pymysql.MySQLError as exc:
-        if exc.args[0] != ER_LOG_IN_USE:
-            raise
+    with contextlib.closing(server.connect()) as conn, conn.cursor() as cur:
+        cur.execute("SELECT @@log_bin")
+        if not cur.fetchone()[0]:
+            return
+        cur.execute("FLUSH BINARY LOGS")
+        cur.execute("SHOW MASTER STATUS")
+        current = cur.fetchone()[0]
+        try:
+            cur.execute("PURGE BINARY LOGS TO %s", (current,))
+        except pymysql.MySQLError as exc:
+            if exc.args[0] != ER_LOG_IN_USE:
+                raise
 
 
 # README.md ("Grants"): the daemon's privileges, per table suffix of the outbox table.
