@@ -9,11 +9,17 @@ Every record of a batch gets one :class:`Result`, by position:
 - ``RETRY``: a passing failure (timeout, broker unavailable): the row stays new;
 - ``NOT_SENT``: never handed to the producer: the row stays new, no attempt counted.
 
-Ordering: records are enqueued in batch order; nothing is enqueued after an enqueue failure,
-and nothing of an aggregate that already failed in this batch. Records of a produce batch the
-broker refused as too large are retried one by one, in order, on a producer of their own that
-nothing else uses, so that another worker's records can never join the retry; after the first
-refusal of an aggregate its later records are not sent.
+Batches: the records of one call are handed to the producer as produce batches of their own,
+one per topic-partition (the producer's partitioner's choice, by key), closed to every other
+sender: one acknowledgement per batch instead of one future per record, and another worker's
+records never share a batch's fate. A batch's verdict is the verdict of each of its records.
+
+Ordering: records join their batch in the call's order; nothing is enqueued after an enqueue
+failure, and nothing of an aggregate that already failed in this call. A batch that fills up is
+handed over before the next one of its partition opens. Records of a produce batch the broker
+refused as too large are retried one by one, in order, on a producer of their own that nothing
+else uses, so that another worker's records can never join the retry; after the first refusal
+of an aggregate its later records are not sent.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any, Protocol
 
 import aiokafka
 import aiokafka.errors
+import aiokafka.partitioner
+import aiokafka.record.default_records
 import orjson
 import structlog
 
@@ -212,6 +220,7 @@ class Publisher:
         self._reset_lock = asyncio.Lock()
         self._solo_lock = asyncio.Lock()
         self._unsettled: set[asyncio.Future[Any]] = set()
+        self._max_request_bytes = settings.kafka.max_request_bytes
         self.resets = 0
 
     @property
@@ -286,30 +295,37 @@ class Publisher:
         outcomes = await self._settle([f for _, f in pending])
         suspects: list[int] = []
         reset = False
-        for (i, _), outcome in zip(pending, outcomes, strict=True):
+        for (positions, _), outcome in zip(pending, outcomes, strict=True):
             if isinstance(outcome, TOO_LARGE_ERRORS):
-                suspects.append(i)  # its produce batch was refused; maybe not for it
-            elif isinstance(outcome, BaseException):
-                results[i] = sort(outcome)
+                suspects += positions  # the produce batch was refused; maybe not for each
             else:
-                results[i] = ACKED
+                result = sort(outcome) if isinstance(outcome, BaseException) else ACKED
+                for i in positions:
+                    results[i] = result
             reset = reset or isinstance(outcome, RESET_ERRORS)
         if reset:
             await self.reset(producer)
         if suspects:
+            suspects.sort()
             await self._send_alone([records[i] for i in suspects], suspects, results)
         return results
 
-    @staticmethod
     async def _enqueue(
+        self,
         producer: aiokafka.AIOKafkaProducer,
         records: Sequence[envelope.Record],
         missing: set[str],
         results: list[Result],
-    ) -> list[tuple[int, asyncio.Future[Any]]]:
-        """Hand the records to the producer in order; the rule of the module's docstring."""
+    ) -> list[tuple[list[int], asyncio.Future[Any]]]:
+        """Hand the records to the producer in order, batched by topic-partition; the rule of
+        the module's docstring. Returns each handed-over batch's positions and future."""
+        partitions = {
+            topic: sorted(await producer.partitions_for(topic))
+            for topic in {r.topic for r in records} - missing
+        }
         stopped: set[envelope.AggregateKey] = set()
-        pending: list[tuple[int, asyncio.Future[Any]]] = []
+        filling: dict[tuple[str, int], _Batch] = {}
+        pending: list[tuple[list[int], asyncio.Future[Any]]] = []
         for i, record in enumerate(records):
             if record.aggregate in stopped:
                 continue
@@ -318,16 +334,50 @@ class Publisher:
                 results[i] = Result(Status.HOLD, "unknown_topic", error)
                 stopped.add(record.aggregate)
                 continue
-            try:
-                future = await producer.send(**_message(record))
-            except aiokafka.errors.KafkaError as exc:
-                results[i] = sort(exc)
+            size = _SIZE(record.key, record.value, record.headers)
+            if size > self._max_request_bytes:
+                results[i] = sort(
+                    aiokafka.errors.MessageSizeTooLargeError(
+                        f"the record is {size} bytes serialized, over the maximum request size"
+                        f" (RELAY_KAFKA__MAX_REQUEST_BYTES={self._max_request_bytes})"
+                    )
+                )
                 stopped.add(record.aggregate)
-                if results[i].status is not Status.POISON:
-                    break  # the producer is in trouble: nothing more this cycle
-            else:
-                pending.append((i, future))
+                continue
+            tp = (record.topic, _partition(record.key, partitions[record.topic]))
+            batch = filling.get(tp)
+            if batch is None:
+                batch = filling[tp] = _Batch(producer.create_batch())
+            if not batch.add(record, i):  # full: hand it over, and open the partition's next
+                del filling[tp]
+                if not await self._hand_over(producer, tp, batch, pending, results):
+                    return pending
+                batch = filling[tp] = _Batch(producer.create_batch())
+                batch.add(record, i)  # a batch takes its first record, whatever its size
+        for tp, batch in filling.items():
+            if not await self._hand_over(producer, tp, batch, pending, results):
+                break
         return pending
+
+    @staticmethod
+    async def _hand_over(
+        producer: aiokafka.AIOKafkaProducer,
+        tp: tuple[str, int],
+        batch: _Batch,
+        pending: list[tuple[list[int], asyncio.Future[Any]]],
+        results: list[Result],
+    ) -> bool:
+        """Give ``batch`` to the producer; False (its records' results set) if it refused."""
+        batch.builder.close()  # nothing else may join it
+        try:
+            future = await producer.send_batch(batch.builder, tp[0], partition=tp[1])
+        except aiokafka.errors.KafkaError as exc:
+            result = sort(exc)
+            for i in batch.positions:
+                results[i] = result
+            return False  # the producer is in trouble: nothing more this cycle
+        pending.append((batch.positions, future))
+        return True
 
     async def _settle(self, futures: list[asyncio.Future[Any]]) -> list[object]:
         """Wait for every future; a cancellation (the caller's timeout) leaves them pending in
@@ -387,6 +437,37 @@ class Publisher:
         except aiokafka.errors.KafkaError as exc:
             return f"dead-letter copy failed: {errors.one_line(exc)}"
         return None
+
+
+# A record's serialized size, as the producer's own check computes it.
+_SIZE = aiokafka.record.default_records.DefaultRecordBatchBuilder.estimate_size_in_bytes
+_PARTITIONER = aiokafka.partitioner.DefaultPartitioner()
+
+
+def _partition(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition the producer's default partitioner gives ``key`` (murmur2, as Java's)."""
+    return _PARTITIONER(key, partitions, partitions)  # type: ignore[no-any-return]
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    """The records of one call bound for one topic-partition, in a producer's batch builder."""
+
+    builder: Any  # aiokafka.producer.message_accumulator.BatchBuilder
+    positions: list[int] = dataclasses.field(default_factory=list)
+
+    def add(self, record: envelope.Record, position: int) -> bool:
+        """Append ``record``; False when the batch is full (it is then closed)."""
+        added = self.builder.append(
+            timestamp=record.timestamp_ms,
+            key=record.key,
+            value=record.value,
+            headers=record.headers,
+        )
+        if added is None:
+            return False
+        self.positions.append(position)
+        return True
 
 
 def _message(record: envelope.Record) -> dict[str, Any]:

@@ -410,17 +410,79 @@ class FakeClient:
         pass
 
 
+class FakeBatch:
+    """Stands in for aiokafka's BatchBuilder: takes ``capacity`` records, then is full."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.values: list[bytes] = []
+        self.closed = False
+
+    def append(
+        self,
+        *,
+        timestamp: int | None,
+        key: bytes,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+    ) -> object | None:
+        if self.closed or len(self.values) >= self.capacity:
+            self.closed = True
+            return None
+        self.values.append(value)
+        return object()
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeProducer:
-    """Stands in for AIOKafkaProducer: ``verdicts`` maps a record value to the exception its
-    future (or its ``send``, with ``send_errors``) ends with; everything else is acknowledged."""
+    """Stands in for AIOKafkaProducer (one partition per topic): ``verdicts`` maps a record
+    value to the exception its future (or its ``send``, with ``send_errors``) ends with; a
+    batch ends with the verdict of its first record that has one, as a produce batch does;
+    everything else is acknowledged."""
 
     def __init__(self, topics: set[str], verdicts: dict[bytes, BaseException]) -> None:
         self.client = FakeClient(topics)
         self.verdicts = verdicts
         self.send_errors: dict[bytes, BaseException] = {}
         self.hang = False  # futures never complete: a broker that stopped answering
+        self.batch_capacity = 1000  # records per batch
         self.sent: list[bytes] = []
+        self.batches: list[tuple[str, list[bytes]]] = []  # (topic, values) handed over
         self.stopped = False
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        partitions = self.client.partitions_for_topic(topic)
+        if partitions is None:
+            raise aiokafka.errors.KafkaTimeoutError(f"no metadata for {topic}")
+        return partitions
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(self.batch_capacity)
+
+    async def send_batch(
+        self, batch: FakeBatch, topic: str, *, partition: int
+    ) -> asyncio.Future[None]:
+        assert batch.closed, "a batch is closed before it is handed over"
+        assert partition in (self.client.partitions_for_topic(topic) or set())
+        for value in batch.values:
+            if value in self.send_errors:
+                raise self.send_errors[value]
+        self.sent += batch.values
+        self.batches.append((topic, list(batch.values)))
+        errors = [self.verdicts[v] for v in batch.values if v in self.verdicts]
+        return self._future(errors[0] if errors else None)
+
+    def _future(self, error: BaseException | None) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.hang:
+            return future
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(None)
+        return future
 
     async def start(self) -> None:
         pass
@@ -440,14 +502,7 @@ class FakeProducer:
         if value in self.send_errors:
             raise self.send_errors[value]
         self.sent.append(value)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.hang:
-            return future
-        if value in self.verdicts:
-            future.set_exception(self.verdicts[value])
-        else:
-            future.set_result(None)
-        return future
+        return self._future(self.verdicts.get(value))
 
     async def send_and_wait(self, **message: Any) -> None:
         await (await self.send(**message))

@@ -1,5 +1,6 @@
-"""The real Publisher over fake producers: enqueue order, stop after an enqueue failure, the
-one-by-one retry on its own producer, producer reset, dead-letter problems reported."""
+"""The real Publisher over fake producers: one batch per topic-partition in order, a batch's
+verdict for each of its records, stop after an enqueue failure, the one-by-one retry on its own
+producer, producer reset, dead-letter problems reported."""
 
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ class Factory:
         return producer
 
 
-async def _publisher(factory: Factory, dead_letter_topic: str | None = None) -> publisher.Publisher:
-    settings = config.Settings(outbox=config.OutboxSettings(dead_letter_topic=dead_letter_topic))
+async def _publisher(
+    factory: Factory, dead_letter_topic: str | None = None, max_request_bytes: int = 1048576
+) -> publisher.Publisher:
+    settings = config.Settings(
+        outbox=config.OutboxSettings(dead_letter_topic=dead_letter_topic),
+        kafka=config.KafkaSettings(max_request_bytes=max_request_bytes),
+    )
     pub = publisher.Publisher(settings, producer_factory=factory)
     await pub.start()
     return pub
@@ -46,17 +52,60 @@ async def test_all_acknowledged_in_order() -> None:
     records = [_record(i, "a" if i % 2 else "b") for i in range(1, 6)]
     results = await pub.publish(records)
     assert [r.status for r in results] == [S.ACKED] * 5
-    assert factory.made[0].sent == [r.value for r in records]
+    assert factory.made[0].batches == [("t", [r.value for r in records])]  # one batch, in order
+
+
+async def test_one_batch_per_topic_and_a_full_batch_is_handed_over_first() -> None:
+    factory = Factory(topics=frozenset({"t", "u"}))
+    pub = await _publisher(factory)
+    factory.made[0].batch_capacity = 2
+    records = [_record(1, "a"), _record(2, "b", "u"), _record(3, "a"), _record(4, "a")]
+    results = await pub.publish(records)
+    assert [r.status for r in results] == [S.ACKED] * 4
+    assert factory.made[0].batches == [("t", [b"v1", b"v3"]), ("u", [b"v2"]), ("t", [b"v4"])]
+
+
+async def test_a_batch_verdict_is_each_of_its_records_verdict() -> None:
+    # Kafka acknowledges or fails a produce batch whole: v3, acknowledged alone, shares the
+    # timeout of v1's batch, and the other topic's batch is unaffected
+    factory = Factory({b"v1": aiokafka.errors.KafkaTimeoutError()}, topics=frozenset({"t", "u"}))
+    pub = await _publisher(factory)
+    records = [_record(1, "a"), _record(2, "b", "u"), _record(3, "c")]
+    results = await pub.publish(records)
+    assert [r.status for r in results] == [S.RETRY, S.ACKED, S.RETRY]
 
 
 async def test_nothing_is_enqueued_after_an_enqueue_failure() -> None:
-    factory = Factory()
+    factory = Factory(topics=frozenset({"t", "u", "w"}))
     pub = await _publisher(factory)
-    records = [_record(1, "a"), _record(2, "b"), _record(3, "a"), _record(4, "c")]
+    records = [_record(1, "a"), _record(2, "b", "u"), _record(3, "a"), _record(4, "c", "w")]
     factory.made[0].send_errors[b"v2"] = aiokafka.errors.KafkaTimeoutError()  # buffer full
     results = await pub.publish(records)
-    assert [r.status for r in results] == [S.ACKED, S.RETRY, S.NOT_SENT, S.NOT_SENT]
-    assert factory.made[0].sent == [b"v1"]
+    assert [r.status for r in results] == [S.ACKED, S.RETRY, S.ACKED, S.NOT_SENT]
+    assert factory.made[0].sent == [b"v1", b"v3"]
+
+
+async def test_a_full_batch_refused_by_the_producer_stops_the_call() -> None:
+    factory = Factory(topics=frozenset({"t", "u"}))
+    pub = await _publisher(factory)
+    factory.made[0].batch_capacity = 2
+    factory.made[0].send_errors[b"v1"] = aiokafka.errors.KafkaTimeoutError()
+    records = [_record(1, "a"), _record(2, "b", "u"), _record(3, "a"), _record(4, "a")]
+    results = await pub.publish(records)
+    assert [r.status for r in results] == [S.RETRY, S.NOT_SENT, S.RETRY, S.NOT_SENT]
+    assert factory.made[0].sent == []
+
+
+async def test_a_record_over_the_request_size_is_poison_and_stops_its_aggregate() -> None:
+    factory = Factory()
+    pub = await _publisher(factory, max_request_bytes=1024)
+    big = envelope.Record(2, ("order", "b"), "t", b"b", b"x" * 2000, [], 0)
+    records = [_record(1, "a"), big, _record(3, "b"), _record(4, "a")]
+    results = await pub.publish(records)
+    assert [r.status for r in results] == [S.ACKED, S.POISON, S.NOT_SENT, S.ACKED]
+    assert results[1].reason == "too_large"
+    assert "RELAY_KAFKA__MAX_REQUEST_BYTES=1024" in results[1].error
+    assert factory.made[0].sent == [b"v1", b"v4"]
 
 
 async def test_missing_topic_holds_its_aggregate_only() -> None:
@@ -70,26 +119,28 @@ async def test_missing_topic_holds_its_aggregate_only() -> None:
 
 async def test_topic_authorization_failure_is_operational_not_poison() -> None:
     denied = aiokafka.errors.TopicAuthorizationFailedError()
-    factory = Factory({b"v1": denied})
+    factory = Factory({b"v1": denied}, topics=frozenset({"t", "u"}))
     pub = await _publisher(factory)
-    results = await pub.publish([_record(1, "a"), _record(2, "b")])
+    results = await pub.publish([_record(1, "a", "u"), _record(2, "b")])
     assert [r.status for r in results] == [S.HOLD, S.ACKED]
 
 
 async def test_refused_batch_is_retried_alone_on_its_own_producer() -> None:
     too_large = aiokafka.errors.MessageSizeTooLargeError()
-    # the main producer's batch (v1..v3) is refused whole; alone, only v2 is too large
-    factory = Factory({b"v1": too_large, b"v2": too_large, b"v3": too_large}, {b"v2": too_large})
+    # the main producer's batch (v1..v4) is refused whole; alone, only v2 is too large
+    factory = Factory({b"v2": too_large}, {b"v2": too_large})
     pub = await _publisher(factory)
     records = [_record(1, "a"), _record(2, "b"), _record(3, "b"), _record(4, "c")]
     results = await pub.publish(records)
     assert [r.status for r in results] == [S.ACKED, S.POISON, S.NOT_SENT, S.ACKED]
     assert results[1].reason == "too_large"
-    main, replacement, solo, *_ = factory.made
+    main, replacement, solo, next_solo = factory.made
     assert main.stopped  # a refused batch breaks the idempotent sequence: reset
     assert pub.producer is replacement
     assert replacement.sent == []  # nothing else was ever batched with the retries
     assert solo.sent == [b"v1", b"v2"]  # v3 waits behind its aggregate's refused record
+    assert solo.stopped  # the refusal broke the solo producer's sequence too
+    assert next_solo.sent == [b"v4"]
     assert pub.resets == 1
 
 
