@@ -6,6 +6,7 @@ A row that can never become a valid record raises :class:`PoisonRowError` with a
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import orjson
@@ -85,18 +86,15 @@ class Formatter:
         )
 
     def topic(self, row: Row) -> str:
-        if not row.topic and row.source_table is None and "{source_table}" in self.topic_template:
+        if row.topic:
+            return _checked_topic(row.topic)
+        if row.source_table is None and "{source_table}" in self.topic_template:
             raise PoisonRowError(
                 "bad_row", "the topic template needs source_table, which the row leaves NULL"
             )
-        topic = row.topic or self.topic_template.format(
-            aggregate_type=row.aggregate_type,
-            event_type=row.event_type,
-            source_table=row.source_table or "",
+        return _template_topic(
+            self.topic_template, row.aggregate_type, row.event_type, row.source_table or ""
         )
-        if not config.is_topic_name(topic):
-            raise PoisonRowError("invalid_topic", f"invalid Kafka topic name {topic!r}")
-        return topic
 
     def record(self, row: Row, capture_us: int) -> Record:
         headers = self.headers(row)
@@ -105,7 +103,9 @@ class Formatter:
         else:
             value = self.envelope(row, capture_us)
         key = row.aggregate_id.encode()
-        size = len(key) + len(value) + sum(len(k) + len(v) for k, v in headers)
+        size = len(key) + len(value)
+        for name, header in headers:
+            size += len(name) + len(header)
         if size > self.max_record_bytes:
             raise PoisonRowError(
                 "too_large",
@@ -164,6 +164,22 @@ class Formatter:
                 )
             headers.append((name, value.encode()))
         return headers
+
+
+# Rows repeat a few topics: the template's result and the name check are cached (errors are not).
+@functools.lru_cache(maxsize=1024)
+def _checked_topic(topic: str) -> str:
+    if not config.is_topic_name(topic):
+        raise PoisonRowError("invalid_topic", f"invalid Kafka topic name {topic!r}")
+    return topic
+
+
+@functools.lru_cache(maxsize=1024)
+def _template_topic(template: str, aggregate_type: str, event_type: str, source_table: str) -> str:
+    topic = template.format(
+        aggregate_type=aggregate_type, event_type=event_type, source_table=source_table
+    )
+    return _checked_topic(topic)
 
 
 def _json_fragment(column: str, text: str | bytes | None) -> orjson.Fragment | None:
