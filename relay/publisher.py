@@ -359,8 +359,8 @@ class Publisher:
                 break
         return pending
 
-    @staticmethod
     async def _hand_over(
+        self,
         producer: aiokafka.AIOKafkaProducer,
         tp: tuple[str, int],
         batch: _Batch,
@@ -376,16 +376,26 @@ class Publisher:
             for i in batch.positions:
                 results[i] = result
             return False  # the producer is in trouble: nothing more this cycle
+        self._track(future)
         pending.append((batch.positions, future))
         return True
 
-    async def _settle(self, futures: list[asyncio.Future[Any]]) -> list[object]:
-        """Wait for every future; a cancellation (the caller's timeout) leaves them pending in
-        ``_unsettled`` instead of cancelling them: their records are in the producer anyway."""
-        for future in futures:
-            self._unsettled.add(future)
-            future.add_done_callback(self._unsettled.discard)
-            future.add_done_callback(_retrieved)  # settled after a timeout: nobody else looks
+    def _track(self, future: asyncio.Future[Any]) -> None:
+        """Keep a handed-over batch's future in ``_unsettled`` until it settles: a cancellation
+        (the caller's timeout), during the hand-over of a later batch or while waiting, leaves
+        it there instead of cancelling it, since its records are in the producer anyway."""
+        self._unsettled.add(future)
+        future.add_done_callback(self._unsettled.discard)
+        future.add_done_callback(_retrieved)  # settled after a timeout: nobody else looks
+
+    @property
+    def unsettled(self) -> int:
+        """Batches handed to the producer whose verdict has not come yet."""
+        return len(self._unsettled)
+
+    @staticmethod
+    async def _settle(futures: list[asyncio.Future[Any]]) -> list[object]:
+        """Wait for every future (tracked since its hand-over); the outcome of each."""
         if futures:
             await asyncio.wait(futures)
         return [_outcome(f) for f in futures]

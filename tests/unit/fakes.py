@@ -448,6 +448,7 @@ class FakeProducer:
         self.send_errors: dict[bytes, BaseException] = {}
         self.hang = False  # futures never complete: a broker that stopped answering
         self.batch_capacity = 1000  # records per batch
+        self.blocked_topics: set[str] = set()  # their hand-over waits, as for a full buffer
         self.sent: list[bytes] = []
         self.batches: list[tuple[str, list[bytes]]] = []  # (topic, values) handed over
         self.stopped = False
@@ -465,6 +466,8 @@ class FakeProducer:
         self, batch: FakeBatch, topic: str, *, partition: int
     ) -> asyncio.Future[None]:
         assert batch.closed, "a batch is closed before it is handed over"
+        if topic in self.blocked_topics:
+            await asyncio.Event().wait()  # until cancelled
         assert partition in (self.client.partitions_for_topic(topic) or set())
         for value in batch.values:
             if value in self.send_errors:

@@ -4,7 +4,10 @@ producer, producer reset, dead-letter problems reported."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiokafka.errors
+import pytest
 from unit import fakes
 
 from relay import config, envelope, publisher
@@ -83,6 +86,26 @@ async def test_nothing_is_enqueued_after_an_enqueue_failure() -> None:
     results = await pub.publish(records)
     assert [r.status for r in results] == [S.ACKED, S.RETRY, S.ACKED, S.NOT_SENT]
     assert factory.made[0].sent == [b"v1", b"v3"]
+
+
+async def test_a_timeout_during_a_hand_over_keeps_the_handed_batches_tracked() -> None:
+    # the caller's timeout cancels the call while "u"'s hand-over waits; "t"'s batch is in the
+    # producer already: the next call waits for its verdict before sending anything more
+    factory = Factory(topics=frozenset({"t", "u"}))
+    pub = await _publisher(factory)
+    producer = factory.made[0]
+    producer.hang = True
+    producer.blocked_topics.add("u")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await pub.publish([_record(1, "a"), _record(2, "b", "u")])
+    assert producer.batches == [("t", [b"v1"])]
+    assert pub.unsettled == 1
+    following = asyncio.create_task(pub.publish([_record(3, "c")]))
+    await asyncio.wait([following], timeout=0.05)
+    assert not following.done()  # held back behind the unsettled batch
+    assert producer.batches == [("t", [b"v1"])]
+    following.cancel()
 
 
 async def test_a_full_batch_refused_by_the_producer_stops_the_call() -> None:
