@@ -208,6 +208,13 @@ def _tool_arguments(demo: argparse.ArgumentParser, bench: argparse.ArgumentParse
         help="capacity: highest rate tried, txn/s (default 20000)",
     )
     bench.add_argument(
+        "--writer-processes",
+        type=count,
+        default=1,
+        help="rate, capacity: Service A's writers spread over this many processes (one Python "
+        "process writes at most ~1,300 txn/s on a 2-core machine; default 1)",
+    )
+    bench.add_argument(
         "--max-steps", type=count, default=12, help="capacity: at most this many steps"
     )
     bench.add_argument(

@@ -5,6 +5,7 @@ Nothing of the daemon imports this package; ``relay.cli`` imports it only inside
 
 * :mod:`relay.tools.stats`: the delivery bookkeeping (latency, loss, duplicates, order); pure.
 * :mod:`relay.tools.loadgen`: the workload, Service A writers, preloads, the raw Kafka ceiling.
+* :mod:`relay.tools.writerpool`: Service A's writers in several processes (``--writer-processes``).
 * :mod:`relay.tools.consumer`: Service B, a consumer feeding :class:`stats.Tracker`.
 * :mod:`relay.tools.database` and :mod:`relay.tools.sql`: every statement the tools run.
 * :mod:`relay.tools.topics`: create (and wait for leaders) and delete topics.

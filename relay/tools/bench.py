@@ -48,6 +48,7 @@ from relay.tools import (
     progress,
     stats,
     topics,
+    writerpool,
 )
 
 log = structlog.get_logger(__name__)
@@ -313,12 +314,13 @@ def _delivery(summary: stats.Summary) -> dict[str, Any]:
     }
 
 
-def _writer_figures(service_a: loadgen.Writers) -> dict[str, Any]:
+def _writer_figures(service_a: loadgen.ServiceA) -> dict[str, Any]:
     return {
         "transactions": service_a.stats.transactions,
         "rolled_back_transactions": service_a.stats.rollbacks,
         "writer_errors": len(service_a.errors),
         "skipped_ticks": service_a.stats.skipped,
+        "writer_processes_cpu_s": service_a.process_cpu_s,
     }
 
 
@@ -368,6 +370,7 @@ class Bench:
                 "retained_published": args.retained_published,
                 "aggregates": args.aggregates,
                 "writers": args.writers,
+                "writer_processes": args.writer_processes,
                 "event_bytes": args.event_bytes,
                 "partitions": args.partitions,
                 "relay_workers": settings.worker.count,
@@ -397,7 +400,18 @@ class Bench:
         tracker: stats.Tracker,
         tx_rate: float,
         notify_to: str | None,
-    ) -> loadgen.Writers:
+    ) -> loadgen.ServiceA:
+        processes: int = self.args.writer_processes
+        if processes > 1:
+            return writerpool.WriterPool(
+                self.settings,
+                workload,
+                tracker,
+                processes=processes,
+                kind=self.writer,
+                tx_rate=tx_rate,
+                notify_to=notify_to,
+            )
         return loadgen.Writers(
             self.settings, workload, tracker, kind=self.writer, tx_rate=tx_rate, notify_to=notify_to
         )

@@ -236,6 +236,38 @@ class _HelperOutbox:
         self._outbox.close()
 
 
+class Sink(Protocol):
+    """Where writers record their events' outcomes: a :class:`stats.Tracker`, or a writer
+    process's reporter (:mod:`relay.tools.writerpool`)."""
+
+    @property
+    def committed_count(self) -> int: ...
+
+    def committed(
+        self, index: int, aggregate: int, sequence: int, t_start: float, t_commit: float
+    ) -> None: ...
+
+    def rolled_back(self, index: int) -> None: ...
+
+
+class ServiceA(Protocol):
+    """What ``relay bench`` drives: :class:`Writers`, or a :class:`writerpool.WriterPool` of
+    them in child processes."""
+
+    kind: str
+    stats: WriterStats
+    errors: list[str]
+
+    @property
+    def process_cpu_s(self) -> float:
+        """CPU seconds of writer processes of their own (the bench's CPU counts the rest)."""
+        ...
+
+    async def start(self, writers: int) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class Writers:
     """Concurrent writers, each with its own connection, of ``kind`` ``sql`` (plain SQL, no
     wake-up) or ``helper`` (``relay.writer``, wake-ups to ``notify_to``).
@@ -251,7 +283,7 @@ class Writers:
         self,
         settings: config.Settings,
         workload: Workload,
-        tracker: stats.Tracker,
+        tracker: Sink,
         *,
         kind: str = "helper",
         rate: float | None = None,
@@ -290,6 +322,10 @@ class Writers:
     @property
     def committed_count(self) -> int:
         return self._tracker.committed_count
+
+    @property
+    def process_cpu_s(self) -> float:
+        return 0.0  # they run in the caller's process
 
     async def start(self, writers: int, target_events: int | None = None) -> None:
         """Connect ``writers`` connections, then start writing (and pacing, with a rate)."""

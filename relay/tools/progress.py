@@ -94,7 +94,7 @@ class LoadMeter:
         self.started = time.monotonic()
         self.phase = "-"
         self.target = math.nan
-        self._writers: loadgen.Writers | None = None
+        self._writers: loadgen.ServiceA | None = None
         self._last_t = self.started
         self._last_committed = tracker.committed_count
         self._last_received = tracker.received_count
@@ -103,7 +103,7 @@ class LoadMeter:
         self._bench_cpu = _Cpu(bench_cpu_s)
         self.samples: list[tuple[float, float]] = []  # (monotonic time, backlog rows)
 
-    def begin(self, phase: str, target: float, writers: loadgen.Writers | None) -> None:
+    def begin(self, phase: str, target: float, writers: loadgen.ServiceA | None) -> None:
         """From now on the lines show ``phase`` with ``target`` txn/s written by ``writers``."""
         self.phase, self.target, self._writers = phase, target, writers
         self._last_tx = 0

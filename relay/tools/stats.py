@@ -155,6 +155,7 @@ class Tracker:
         self._arrivals = array.array("q")  # index (NO_INDEX if foreign), in arrival order
         self._partitions = array.array("i")  # partition of each arrival
         self._in_flight: collections.OrderedDict[int, float] = collections.OrderedDict()
+        self._early: dict[int, float] = {}  # received before its commit was reported: t_receive
         self._from_start = array.array("d")
         self._from_commit = array.array("d")
         self._commit_times = array.array("d")  # t_commit of each latency, in receipt order
@@ -172,6 +173,10 @@ class Tracker:
         self._sent[index] = (aggregate, sequence, t_start, t_commit)
         if index not in self._received:
             self._in_flight[index] = t_commit
+            return
+        t_receive = self._early.pop(index, None)  # a writer process reports in batches
+        if t_receive is not None and not math.isnan(t_start):
+            self._latency(t_start, t_commit, t_receive)
 
     def rolled_back(self, index: int) -> None:
         self._rolled_back.add(index)
@@ -190,9 +195,14 @@ class Tracker:
         self._received.add(index)
         self._in_flight.pop(index, None)
         sent = self._sent.get(index)
-        if sent is None or math.isnan(sent[2]):
+        if sent is None:
+            if index not in self._rolled_back:
+                self._early[index] = t_receive  # its commit may still be reported
             return
-        _, _, t_start, t_commit = sent
+        if not math.isnan(sent[2]):
+            self._latency(sent[2], sent[3], t_receive)
+
+    def _latency(self, t_start: float, t_commit: float, t_receive: float) -> None:
         from_start = (t_receive - t_start) * 1000.0
         self._from_start.append(from_start)
         from_commit = (t_receive - t_commit) * 1000.0

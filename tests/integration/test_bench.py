@@ -1,5 +1,6 @@
 """`relay bench` end to end against the real servers, with the plain-SQL writer (no wake-up):
-`--mode rate` and a two-step `--mode capacity` lose nothing, leak nothing, keep order.
+`--mode rate` and a two-step `--mode capacity` (its writers in two processes) lose nothing,
+leak nothing, keep order.
 
 No timing assertions here: the timing goals live in benchmarks/README.md.
 """
@@ -69,21 +70,28 @@ def test_bench_rate_plain_sql_loses_nothing(mariadb: MariaDB, kafka: Kafka) -> N
 
 
 def test_bench_capacity_smoke(mariadb: MariaDB, kafka: Kafka) -> None:
-    """Two short steps: the search, its per-step verdicts and the delivery checks."""
+    """Two short steps: the search, its per-step verdicts and the delivery checks; Service A in
+    two processes, which report their commits to the bench in batches."""
     report, stderr = bench(
         mariadb,
         kafka,
         *("--mode", "capacity", "--rate", "100", "--max-rate", "150"),
-        *("--duration", "3", "--max-steps", "2"),
+        *("--duration", "3", "--max-steps", "2", "--writer-processes", "2"),
     )
+    assert report["config"]["writer_processes"] == 2
     result = report["capacity"]
     assert (result["writer"], result["wakeup"]) == ("sql", False)
     assert_delivered(result)
+    assert result["foreign"] == 0  # both processes' message ids are the run's
     steps = result["steps"]
     assert [s["target_txn_per_s"] for s in steps] == [100, 150]
     for step in steps:
         assert step["committed_events_per_s"] > 0, step
+        assert step["transactions"] > 0, step  # the processes' statistics reach the report
+        assert step["writer_processes_cpu_s"] > 0, step
         assert step["latency_from_tx_start_ms"]["count"] > 0, step
         assert step["passed"] == (not step["reasons"]), step
+    timed = sum(s["latency_from_tx_start_ms"]["count"] for s in steps)
+    assert timed >= 0.99 * result["received"], (timed, result["received"])
     assert result["result"]["stopped"] in ("max_rate", "converged", "max_steps")
     assert "step 2 (ramp)" in stderr

@@ -142,6 +142,19 @@ def test_commit_recorded_after_its_delivery_is_still_order_checked() -> None:
     assert s.order_violation_examples == [(7, 2, 1, 0)]
 
 
+def test_a_receipt_before_the_report_of_its_commit_still_counts_its_latency() -> None:
+    """A writer process reports its commits in batches: Service B may be faster."""
+    t = stats.Tracker()
+    t.received(0, 1.25)
+    t.committed(0, 7, 1, 1.0, 1.125)
+    t.received(0, 1.5)  # a duplicate, after the report
+    s = t.summary()
+    assert (s.committed, s.received, s.lost, s.duplicates, s.foreign) == (1, 1, 0, 1, 0)
+    assert s.latency_from_start_ms["p50"] == 250.0
+    assert s.latency_from_commit_ms["p50"] == 125.0
+    assert t.latency_count == 1
+
+
 def test_aggregate_on_two_partitions_is_a_split_key() -> None:
     t = stats.Tracker()
     for i in range(3):
