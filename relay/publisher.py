@@ -319,32 +319,20 @@ class Publisher:
     ) -> list[tuple[list[int], asyncio.Future[Any]]]:
         """Hand the records to the producer in order, batched by topic-partition; the rule of
         the module's docstring. Returns each handed-over batch's positions and future."""
-        partitions = {
-            topic: sorted(await producer.partitions_for(topic))
-            for topic in {r.topic for r in records} - missing
-        }
+        partitions: dict[str, list[int] | Result] = {}  # a topic's, or why there are none
         stopped: set[envelope.AggregateKey] = set()
         filling: dict[tuple[str, int], _Batch] = {}
         pending: list[tuple[list[int], asyncio.Future[Any]]] = []
         for i, record in enumerate(records):
             if record.aggregate in stopped:
                 continue
-            if record.topic in missing:
-                error = f"topic {record.topic!r} does not exist"
-                results[i] = Result(Status.HOLD, "unknown_topic", error)
+            tp = await self._route(producer, record, missing, partitions)
+            if isinstance(tp, Result):
+                results[i] = tp
                 stopped.add(record.aggregate)
-                continue
-            size = _SIZE(record.key, record.value, record.headers)
-            if size > self._max_request_bytes:
-                results[i] = sort(
-                    aiokafka.errors.MessageSizeTooLargeError(
-                        f"the record is {size} bytes serialized, over the maximum request size"
-                        f" (RELAY_KAFKA__MAX_REQUEST_BYTES={self._max_request_bytes})"
-                    )
-                )
-                stopped.add(record.aggregate)
-                continue
-            tp = (record.topic, _partition(record.key, partitions[record.topic]))
+                if tp.status is Status.RETRY:
+                    break  # the cluster's trouble: nothing more this cycle
+                continue  # the record's or its topic's: its aggregate waits, the others flow
             batch = filling.get(tp)
             if batch is None:
                 batch = filling[tp] = _Batch(producer.create_batch())
@@ -358,6 +346,37 @@ class Publisher:
             if not await self._hand_over(producer, tp, batch, pending, results):
                 break
         return pending
+
+    async def _route(
+        self,
+        producer: aiokafka.AIOKafkaProducer,
+        record: envelope.Record,
+        missing: set[str],
+        partitions: dict[str, list[int] | Result],
+    ) -> tuple[str, int] | Result:
+        """The record's topic-partition, or why it cannot be sent (``partitions`` caches each
+        topic's partitions, or the reason it has none)."""
+        if record.topic in missing:
+            error = f"topic {record.topic!r} does not exist"
+            return Result(Status.HOLD, "unknown_topic", error)
+        size = _SIZE(record.key, record.value, record.headers)
+        if size > self._max_request_bytes:
+            return sort(
+                aiokafka.errors.MessageSizeTooLargeError(
+                    f"the record is {size} bytes serialized, over the maximum request size"
+                    f" (RELAY_KAFKA__MAX_REQUEST_BYTES={self._max_request_bytes})"
+                )
+            )
+        known = partitions.get(record.topic)
+        if known is None:
+            try:
+                known = sorted(await producer.partitions_for(record.topic))
+            except aiokafka.errors.KafkaError as exc:  # not authorized, no metadata
+                known = sort(exc)
+            partitions[record.topic] = known
+        if isinstance(known, Result):
+            return known
+        return (record.topic, _partition(record.key, known))
 
     async def _hand_over(
         self,

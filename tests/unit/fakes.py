@@ -449,11 +449,14 @@ class FakeProducer:
         self.hang = False  # futures never complete: a broker that stopped answering
         self.batch_capacity = 1000  # records per batch
         self.blocked_topics: set[str] = set()  # their hand-over waits, as for a full buffer
+        self.denied_topics: set[str] = set()  # their metadata is refused: not authorized
         self.sent: list[bytes] = []
         self.batches: list[tuple[str, list[bytes]]] = []  # (topic, values) handed over
         self.stopped = False
 
     async def partitions_for(self, topic: str) -> set[int]:
+        if topic in self.denied_topics:
+            raise aiokafka.errors.TopicAuthorizationFailedError(topic)
         partitions = self.client.partitions_for_topic(topic)
         if partitions is None:
             raise aiokafka.errors.KafkaTimeoutError(f"no metadata for {topic}")

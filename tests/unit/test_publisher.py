@@ -148,6 +148,25 @@ async def test_topic_authorization_failure_is_operational_not_poison() -> None:
     assert [r.status for r in results] == [S.HOLD, S.ACKED]
 
 
+async def test_a_topic_whose_metadata_is_refused_holds_its_aggregates_only() -> None:
+    factory = Factory(topics=frozenset({"t", "u"}))
+    pub = await _publisher(factory)
+    factory.made[0].denied_topics.add("u")
+    records = [_record(1, "a"), _record(2, "b", "u"), _record(3, "c"), _record(4, "b")]
+    results = await pub.publish(records)
+    assert [r.status for r in results] == [S.ACKED, S.HOLD, S.ACKED, S.NOT_SENT]
+    assert results[1].reason == "kafka_refused"
+    assert factory.made[0].sent == [b"v1", b"v3"]
+
+
+async def test_no_metadata_for_a_topic_stops_the_call() -> None:
+    factory = Factory(topics=frozenset({"t"}))
+    pub = await _publisher(factory)
+    factory.made[0].client.partitions_for_topic = lambda topic: None  # type: ignore[method-assign]
+    results = await pub.publish([_record(1, "a"), _record(2, "b")])
+    assert [r.status for r in results] == [S.RETRY, S.NOT_SENT]
+
+
 async def test_refused_batch_is_retried_alone_on_its_own_producer() -> None:
     too_large = aiokafka.errors.MessageSizeTooLargeError()
     # the main producer's batch (v1..v4) is refused whole; alone, only v2 is too large
