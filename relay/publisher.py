@@ -10,8 +10,9 @@ Every record of a batch gets one :class:`Result`, by position:
 - ``NOT_SENT``: never handed to the producer: the row stays new, no attempt counted.
 
 Batches: the records of one call are handed to the producer as produce batches of their own,
-one per topic-partition (the producer's partitioner's choice, by key), closed to every other
-sender: one acknowledgement per batch instead of one future per record, and another worker's
+one per topic-partition (the producer's partitioner's choice, by key): one acknowledgement per
+batch instead of one future per record. The producer queues a handed-over batch as it is (after
+``RELAY_KAFKA__LINGER_S``) and never adds records of another call to it, so another worker's
 records never share a batch's fate. A batch's verdict is the verdict of each of its records.
 
 Ordering: records join their batch in the call's order; nothing is enqueued after an enqueue
@@ -386,8 +387,10 @@ class Publisher:
         pending: list[tuple[list[int], asyncio.Future[Any]]],
         results: list[Result],
     ) -> bool:
-        """Give ``batch`` to the producer; False (its records' results set) if it refused."""
-        batch.builder.close()  # nothing else may join it
+        """Give ``batch`` to the producer; False (its records' results set) if it refused.
+
+        The builder stays open: aiokafka sends a closed batch at once, without the linger. Only
+        ``send()`` could add to it, which the relay uses for dead-letter copies alone."""
         try:
             future = await producer.send_batch(batch.builder, tp[0], partition=tp[1])
         except aiokafka.errors.KafkaError as exc:

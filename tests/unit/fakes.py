@@ -468,7 +468,6 @@ class FakeProducer:
     async def send_batch(
         self, batch: FakeBatch, topic: str, *, partition: int
     ) -> asyncio.Future[None]:
-        assert batch.closed, "a batch is closed before it is handed over"
         if topic in self.blocked_topics:
             await asyncio.Event().wait()  # until cancelled
         assert partition in (self.client.partitions_for_topic(topic) or set())
