@@ -171,10 +171,6 @@ class WriterPool:
         self.errors: list[str] = []
 
     @property
-    def committed_count(self) -> int:
-        return self._tracker.committed_count
-
-    @property
     def process_cpu_s(self) -> float:
         """CPU seconds the children used, as of their latest reports."""
         return sum(c.cpu_s for c in self._children)
