@@ -104,6 +104,7 @@ async def _write(
         committed, rolled_back = reporter.take()
         figures = dataclasses.asdict(service_a.stats)
         figures["cpu_s"] = time.process_time()
+        figures["next_index"] = job.workload.next_index
         reports.send((kind, committed, rolled_back, figures, list(service_a.errors), error))
 
     try:
@@ -123,7 +124,6 @@ async def _write(
         await service_a.stop()
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
         error = f"{type(exc).__name__}: {exc}"
-    reports.send(("next_index", job.workload.next_index))
     report("end", error)
 
 
@@ -231,9 +231,6 @@ class WriterPool:
                 return
 
     def _apply(self, child: _Child, message: tuple[Any, ...]) -> None:
-        if message[0] == "next_index":
-            child.next_index = message[1]
-            return
         kind, committed, rolled_back, figures, writer_errors, error = message
         for event in committed:
             self._tracker.committed(*event)
@@ -241,6 +238,7 @@ class WriterPool:
             self._tracker.rolled_back(index)
         if figures is not None:
             child.cpu_s = figures.pop("cpu_s")
+            child.next_index = figures.pop("next_index")
             child.figures = loadgen.WriterStats(**figures)
             child.errors = writer_errors
             self._sum()

@@ -416,7 +416,6 @@ class FakeBatch:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.values: list[bytes] = []
-        self.closed = False
 
     def append(
         self,
@@ -426,14 +425,10 @@ class FakeBatch:
         value: bytes,
         headers: list[tuple[str, bytes]],
     ) -> object | None:
-        if self.closed or len(self.values) >= self.capacity:
-            self.closed = True
+        if len(self.values) >= self.capacity:
             return None
         self.values.append(value)
         return object()
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class FakeProducer:
